@@ -1,0 +1,119 @@
+"""Reference GRPO math (SPEC section 2): advantages and the clipped surrogate loss.
+
+Plain PyTorch on per-sample (B,) tensors. The fused op (`dancegrpo_fast.ops.fused_step_loss`)
+computes the same loss in one pass over the latents and is tested against these functions.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+
+def check_rewards(rewards: Tensor, name: str = "rewards") -> Tensor:
+    """A 1-D tensor of finite rewards, as float64 for the statistics."""
+    if not isinstance(rewards, Tensor):
+        rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 1 or rewards.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor (one reward per sample), got "
+                         f"shape {tuple(rewards.shape)}")
+    rewards = rewards.to(torch.float64)
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{name} must be finite: NaN or infinite values at samples {rows}")
+    return rewards
+
+
+def check_group_size(group_size: int, batch_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (GRPO compares samples of one "
+                         f"prompt), got {group_size!r}")
+    if batch_size % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide the batch of {batch_size} "
+                         f"samples: each prompt's group must be complete and contiguous")
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
+    """Per-group normalised advantages A_i = (r_i - mean_g) / (std_g + eps), unbiased std.
+
+    rewards: (B,) with the group_size samples of one prompt contiguous. Returns float32 (B,).
+    A group whose rewards are all equal gets zero advantages (nothing to learn from it).
+    """
+    rewards = check_rewards(rewards)
+    check_group_size(group_size, rewards.shape[0])
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, unbiased=True, keepdim=True)
+    return ((grouped - mean) / (std + eps)).flatten().to(torch.float32)
+
+
+def global_advantages(rewards: Tensor, eps: float = 1e-8) -> Tensor:
+    """Advantages normalised by the mean and unbiased std of the whole batch (pass the rewards
+    gathered from every rank to get the global variant of SPEC 2)."""
+    rewards = check_rewards(rewards)
+    if rewards.numel() < 2:
+        raise ValueError("global_advantages needs at least 2 rewards")
+    return ((rewards - rewards.mean()) / (rewards.std(unbiased=True) + eps)).to(torch.float32)
+
+
+def combine_advantages(advantages: Union[Mapping[str, Tensor], Sequence[Tensor]],
+                       weights: Union[Mapping[str, float], Sequence[float]]) -> Tensor:
+    """Several rewards: one advantage per reward, combined as a weighted sum (SPEC 2)."""
+    if isinstance(advantages, Mapping):
+        if not isinstance(weights, Mapping) or set(weights) != set(advantages):
+            raise ValueError(f"weights must name the same rewards as advantages: "
+                             f"{sorted(advantages)} vs {sorted(weights) if isinstance(weights, Mapping) else weights}")
+        names = sorted(advantages)
+        advantages = [advantages[n] for n in names]
+        weights = [weights[n] for n in names]
+    if len(advantages) == 0 or len(advantages) != len(weights):
+        raise ValueError(f"need one weight per advantage tensor, got {len(advantages)} tensors and "
+                         f"{len(weights)} weights")
+    total = torch.zeros_like(advantages[0], dtype=torch.float32)
+    for adv, weight in zip(advantages, weights):
+        if adv.shape != total.shape:
+            raise ValueError(f"advantage tensors must share a shape, got {tuple(adv.shape)} and "
+                             f"{tuple(total.shape)}")
+        total = total + float(weight) * adv.to(torch.float32)
+    return total
+
+
+def _check_loss_inputs(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                       clip_range: float, adv_clip_max: float) -> None:
+    if log_prob.dim() != 1:
+        raise ValueError(f"log_prob must have shape (B,), got {tuple(log_prob.shape)}")
+    for name, t in (("old_log_prob", old_log_prob), ("advantages", advantages)):
+        if t.shape != log_prob.shape:
+            raise ValueError(f"{name} must have shape {tuple(log_prob.shape)} like log_prob, got "
+                             f"{tuple(t.shape)}")
+    if not (clip_range >= 0):
+        raise ValueError(f"clip_range must be >= 0, got {clip_range!r}")
+    if not (adv_clip_max > 0):
+        raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max!r}")
+
+
+def grpo_per_sample_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+                         clip_range: float = 1e-4, adv_clip_max: float = 5.0) -> Tensor:
+    """max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) per sample, float32 (B,)."""
+    _check_loss_inputs(log_prob, old_log_prob, advantages, clip_range, adv_clip_max)
+    adv = torch.clamp(advantages.to(torch.float32), -adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob.to(torch.float32) - old_log_prob.to(torch.float32))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped)
+
+
+def grpo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
+              clip_range: float = 1e-4, adv_clip_max: float = 5.0) -> Tensor:
+    """The clipped GRPO surrogate, mean over samples (scalar). The trainer divides it by
+    gradient_accumulation_steps * trained_timesteps."""
+    return grpo_per_sample_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max).mean()
+
+
+def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL between two Gaussian steps of equal std: mean_N((mu - mu_ref)^2) / (2 s^2), (B,)."""
+    diff = mean.to(torch.float32) - ref_mean.to(torch.float32)
+    sq = (diff**2).flatten(1).mean(dim=1)
+    return sq / (2.0 * std.to(torch.float32) ** 2)
