@@ -55,7 +55,7 @@ def pytest_sessionfinish(session, exitstatus):
             summary["copy_bandwidth_GBps"] = rec["bytes_per_s"] / 1e9
             continue
         entry = summary.setdefault(rec["size"], {})
-        entry[rec["impl"]] = {k: rec[k] for k in ("median_s", "peak_bytes", "min_bytes", "latent_f32_bytes") if k in rec}
+        entry[rec["impl"]] = {k: rec[k] for k in ("median_s", "peak_bytes", "min_bytes", "latent_f32_bytes", "grad_bytes") if k in rec}
     for size, entry in summary.items():
         if not isinstance(entry, dict) or "fused" not in entry:
             continue
@@ -64,6 +64,9 @@ def pytest_sessionfinish(session, exitstatus):
             if impl != "fused":
                 stats["speedup_of_fused"] = stats["median_s"] / fused["median_s"]
                 stats["peak_memory_ratio_to_fused"] = stats["peak_bytes"] / max(fused["peak_bytes"], 1)
+        # beyond the gradient, in units of one latent-sized float32 buffer (target: <= 1)
+        for stats in entry.values():
+            stats["extra_f32_buffers"] = (stats["peak_bytes"] - stats["grad_bytes"]) / stats["latent_f32_bytes"]
         fused["achieved_GBps"] = fused["min_bytes"] / fused["median_s"] / 1e9
         if "copy_bandwidth_GBps" in summary:
             fused["fraction_of_copy_bandwidth"] = fused["achieved_GBps"] / summary["copy_bandwidth_GBps"]

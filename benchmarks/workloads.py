@@ -33,6 +33,7 @@ class StepLossCase:
     sigma_next: float
     old_log_prob: torch.Tensor
     advantages: torch.Tensor
+    clip_range: float = CLIP_RANGE
 
     @property
     def numel(self) -> int:
@@ -85,7 +86,7 @@ def eager_step_loss(case: StepLossCase) -> torch.Tensor:
     ratio = torch.exp(new_log_prob - case.old_log_prob)
     advantages = torch.clamp(case.advantages, -ADV_CLIP_MAX, ADV_CLIP_MAX)
     unclipped_loss = -advantages * ratio
-    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)
+    clipped_loss = -advantages * torch.clamp(ratio, 1.0 - case.clip_range, 1.0 + case.clip_range)
     return torch.mean(torch.maximum(unclipped_loss, clipped_loss))
 
 
@@ -93,7 +94,7 @@ def fused_loss(case: StepLossCase, backend=None) -> torch.Tensor:
     batch = case.latents.shape[0]
     c = dance_coefficients(case.sigma, case.sigma_next, ETA, batch, device=case.latents.device)
     return fused_step_loss(case.model_output, case.latents, case.next_latents, c, case.old_log_prob,
-                           case.advantages, CLIP_RANGE, ADV_CLIP_MAX, backend=backend).loss
+                           case.advantages, case.clip_range, ADV_CLIP_MAX, backend=backend).loss
 
 
 _compiled = {}
@@ -130,10 +131,11 @@ def peak_memory_bytes(fn, device: str) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # Allocations are attributed to the op that made them (self memory), frees appear as
+    # "[memory]" events: their running sum in time order is the live memory.
     current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
 
