@@ -1,0 +1,287 @@
+"""The reward interface, input validation, the registry and weighted multi-reward scoring.
+
+A reward maps a batch of images (or videos) and their prompts to one float score per sample:
+
+    images  (B, 3, H, W) float in [0, 1]      (the decoded VAE output after (x + 1) / 2 and clamp)
+    videos  (B, T, 3, H, W) float in [0, 1]
+    prompts list of B strings, prompts[i] belongs to images[i]
+    ->      scores (B,) float32 on the CPU
+
+Every reward validates its inputs the same way, splits the batch into chunks of `batch_size` and
+moves the chunks to its device; a subclass only implements `_score` on one valid chunk.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+# The GRPO layer (layer 1) owns the advantage math: several rewards are combined as a weighted
+# sum of their advantages (SPEC 2). Re-exported here for users of WeightedRewards.
+from dancegrpo_fast.grpo import combine_advantages
+
+__all__ = [
+    "Reward",
+    "RewardInputError",
+    "validate_inputs",
+    "register_reward",
+    "build_reward",
+    "available_rewards",
+    "WeightedRewards",
+    "combine_advantages",
+]
+
+# Decoded VAE output is clamped to [0, 1], but a resize or a half-precision round trip on the way
+# may overshoot by a hair; beyond this it is a bug upstream (e.g. images still in [-1, 1]).
+RANGE_TOLERANCE = 1e-3
+
+
+class RewardInputError(ValueError):
+    """Bad images or prompts given to a reward (wrong rank, shape, count, range, NaN)."""
+
+
+def validate_inputs(images: Any, prompts: Any, modality: str = "image") -> None:
+    """Check a reward's inputs; raise `RewardInputError` (or TypeError) naming the bad argument.
+
+    modality "image" expects images (B, 3, H, W); "video" expects (B, T, 3, H, W); both float with
+    values in [0, 1] (up to a 1e-3 tolerance), no NaN/Inf, and `prompts` a list of B strings
+    (None skips the prompt checks).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a floating-point tensor with values in [0, 1], got dtype {images.dtype}"
+        )
+    if modality == "image":
+        if images.dim() != 4 or images.shape[1] != 3:
+            hint = ""
+            if images.dim() == 5:
+                hint = " (this is a video batch: wrap the image reward in FrameMeanReward)"
+            raise RewardInputError(
+                f"images must have shape (B, 3, H, W), got {tuple(images.shape)}{hint}"
+            )
+    elif modality == "video":
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise RewardInputError(
+                f"videos must have shape (B, T, 3, H, W), got images of shape {tuple(images.shape)}"
+            )
+        if images.shape[1] == 0:
+            raise RewardInputError("videos must have at least one frame (T >= 1), got T = 0")
+    else:
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+    if prompts is not None:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if len(prompts) != images.shape[0]:
+            raise RewardInputError(
+                f"len(prompts) must equal the batch size B = images.shape[0] = {images.shape[0]}, "
+                f"got {len(prompts)} prompts"
+            )
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{index}] must be a str, got {type(prompt).__name__}")
+    if images.numel() == 0:
+        return
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise RewardInputError(f"images contain {bad} NaN/Inf values")
+    low, high = float(images.min()), float(images.max())
+    if low < -RANGE_TOLERANCE or high > 1.0 + RANGE_TOLERANCE:
+        raise RewardInputError(
+            f"images must have values in [0, 1] (decoded VAE output after (x + 1) / 2 and clamp), "
+            f"got min {low:.4g} and max {high:.4g}"
+        )
+
+
+class Reward(abc.ABC):
+    """A batched reward: `reward(images, prompts) -> scores (B,) float32 on the CPU`.
+
+    Subclasses set `name` and `modality` ("image" or "video") and implement `_score(images,
+    prompts)`, which receives one chunk of at most `batch_size` samples, already validated,
+    clamped to [0, 1] and moved to `self.device`, and returns a (b,) tensor. `__call__` is the
+    public entry point and is the same for every reward: validate, chunk, score, concatenate.
+
+    Calls run under `torch.no_grad()`: rewards are not differentiated in GRPO.
+    """
+
+    name: str = "reward"
+    modality: str = "image"
+
+    def __init__(self, device: Union[str, torch.device, None] = "cpu", batch_size: Optional[int] = None):
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        self.device = torch.device(device if device is not None else "cpu")
+        self.batch_size = batch_size
+
+    @abc.abstractmethod
+    def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score one valid chunk: images on `self.device` in [0, 1] -> (b,) tensor."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Score a batch. images (B, 3, H, W) or, for video rewards, (B, T, 3, H, W), float in
+        [0, 1]; prompts: B strings. Returns (B,) float32 on the CPU."""
+        validate_inputs(images, prompts, self.modality)
+        prompts = list(prompts)
+        batch = images.shape[0]
+        if batch == 0:
+            return torch.zeros(0, dtype=torch.float32)
+        images = images.clamp(0.0, 1.0)
+        chunk = self.batch_size or batch
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, batch, chunk):
+                part = images[start : start + chunk].to(self.device, non_blocking=True)
+                scores = self._score(part, prompts[start : start + chunk])
+                scores = torch.as_tensor(scores).detach().reshape(-1)
+                if scores.shape[0] != part.shape[0]:
+                    raise RuntimeError(
+                        f"reward {self.name!r} returned {scores.shape[0]} scores for "
+                        f"{part.shape[0]} samples"
+                    )
+                outputs.append(scores.to(device="cpu", dtype=torch.float32))
+        result = torch.cat(outputs)
+        if not bool(torch.isfinite(result).all()):
+            raise RuntimeError(f"reward {self.name!r} produced non-finite scores: {result.tolist()}")
+        return result
+
+    def describe(self) -> Dict[str, Any]:
+        """A small JSON-able description (used by the reward server's health endpoint)."""
+        return {
+            "name": self.name,
+            "modality": self.modality,
+            "device": str(self.device),
+            "batch_size": self.batch_size,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, batch_size={self.batch_size})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+RewardFactory = Callable[..., Reward]
+_REGISTRY: Dict[str, RewardFactory] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator: register a Reward subclass (or a factory returning a Reward) under `name`.
+
+        @register_reward("my_reward")
+        class MyReward(Reward): ...
+
+    After that `build_reward("my_reward", **kwargs)` calls `MyReward(**kwargs)`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name must be a non-empty str, got {name!r}")
+
+    def decorator(factory: RewardFactory) -> RewardFactory:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not factory:
+            raise ValueError(f"a reward is already registered as {name!r}: {existing!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list:
+    """Sorted names of the registered rewards."""
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """Build the reward registered as `name` with keyword arguments `kwargs`."""
+    if name not in _REGISTRY:
+        raise KeyError(
+            f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}"
+        )
+    reward = _REGISTRY[name](**kwargs)
+    if not isinstance(reward, Reward):
+        raise TypeError(f"the factory registered as {name!r} returned {type(reward).__name__}, not a Reward")
+    return reward
+
+
+# ----------------------------------------------------------------------------------------------
+# Several rewards
+
+RewardSpec = Union[float, int, Mapping[str, Any]]
+
+
+class WeightedRewards:
+    """Several named rewards with weights, scored on the same batch.
+
+    `config` maps a name to either a weight, or a mapping with a "weight", an optional "type"
+    (the registered reward to build; the name itself by default) and the reward's keyword
+    arguments; `reward_kwargs` gives keyword arguments per name for the short form; `rewards`
+    gives already built Reward objects by name (they take precedence over building):
+
+        WeightedRewards({"hps": 0.7, "clip": 1.4},
+                        reward_kwargs={"hps": {"checkpoint_path": ..., "tokenizer_path": ...},
+                                       "clip": {"model_path": ...}})
+        WeightedRewards({"hps": {"weight": 1.0, "checkpoint_path": ...},
+                         "hps_binary": {"type": "binary", "weight": 0.5, "reward": "hps",
+                                        "threshold": 0.28, "reward_kwargs": {...}}})
+
+    Calling it returns {name: scores (B,) float32}. The trainer turns every entry into its own
+    group advantages and combines them with `combine_advantages(advantages, self.weights)`
+    (SPEC 2: a weighted sum of advantages, not of raw rewards). A weight of 0 keeps a reward for
+    logging only.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, RewardSpec],
+        reward_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        rewards: Optional[Mapping[str, Reward]] = None,
+    ):
+        if not isinstance(config, Mapping) or not config:
+            raise ValueError(f"config must be a non-empty mapping name -> weight, got {config!r}")
+        reward_kwargs = dict(reward_kwargs or {})
+        rewards = dict(rewards or {})
+        unknown = (set(reward_kwargs) | set(rewards)) - set(config)
+        if unknown:
+            raise ValueError(f"reward_kwargs/rewards name rewards absent from config: {sorted(unknown)}")
+        self.weights: Dict[str, float] = {}
+        self.rewards: Dict[str, Reward] = {}
+        for name, spec in config.items():
+            if isinstance(spec, Mapping):
+                spec = dict(spec)
+                if "weight" not in spec:
+                    raise ValueError(f"config[{name!r}] must have a 'weight', got keys {sorted(spec)}")
+                weight = spec.pop("weight")
+                reward_type = spec.pop("type", name)
+                kwargs = {**reward_kwargs.get(name, {}), **spec}
+            else:
+                weight, reward_type, kwargs = spec, name, dict(reward_kwargs.get(name, {}))
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+            self.weights[name] = float(weight)
+            if name in rewards:
+                if not isinstance(rewards[name], Reward):
+                    raise TypeError(f"rewards[{name!r}] must be a Reward, got {type(rewards[name]).__name__}")
+                self.rewards[name] = rewards[name]
+            else:
+                self.rewards[name] = build_reward(reward_type, **kwargs)
+
+    @property
+    def names(self) -> list:
+        return list(self.rewards)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Score the batch with every reward: {name: (B,) float32 CPU}."""
+        return {name: reward(images, prompts) for name, reward in self.rewards.items()}
+
+    def weighted_sum(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """sum_name weight * scores[name], (B,): for logging a single number; GRPO combines
+        advantages, not raw scores (see `combine_advantages`)."""
+        return combine_advantages(scores, self.weights)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{name}={self.weights[name]:g}*{reward!r}" for name, reward in self.rewards.items())
+        return f"WeightedRewards({parts})"
