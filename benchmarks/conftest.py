@@ -25,6 +25,14 @@ def pytest_addoption(parser):
     parser.addoption("--bench-sizes", default="tiny,flux_720,hunyuan_480x53",
                      help="comma-separated sizes from workloads.SIZES")
     parser.addoption("--results-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.addoption("--bench-threads", type=int, default=0,
+                     help="torch CPU threads (0: torch's default); 1 is steadier on a shared machine")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=0)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ def main(path):
     if "copy_bandwidth_GBps" in data["results"]:
         print(f"measured copy bandwidth: {data['results']['copy_bandwidth_GBps']:.0f} GB/s")
     print(f"{'size':16s} {'fused ms':>9s} {'eager ms':>9s} {'compile ms':>10s} {'x eager':>8s} {'x compile':>9s} "
-          f"{'peak MB f/e/c':>18s} {'%copy bw':>8s}")
+          f"{'peak MB f/e/c':>18s} {'f32 bufs f/e/c':>16s} {'%copy bw':>8s}")
     for size, entry in data["results"].items():
         if not isinstance(entry, dict) or "fused" not in entry:
             continue
@@ -17,8 +17,9 @@ def main(path):
         mb = lambda s: f"{s.get('peak_bytes', float('nan')) / 2**20:.0f}"  # noqa: E731
         ms = lambda s: f"{s.get('median_s', float('nan')) * 1e3:.3f}"  # noqa: E731
         frac = f.get("fraction_of_copy_bandwidth")
+        bufs = "/".join(f"{s.get('extra_f32_buffers', float('nan')):.2f}" for s in (f, e, c))
         print(f"{size:16s} {ms(f):>9s} {ms(e):>9s} {ms(c):>10s} {e.get('speedup_of_fused', float('nan')):8.2f} "
-              f"{c.get('speedup_of_fused', float('nan')):9.2f} {mb(f) + '/' + mb(e) + '/' + mb(c):>18s} "
+              f"{c.get('speedup_of_fused', float('nan')):9.2f} {mb(f) + '/' + mb(e) + '/' + mb(c):>18s} {bufs:>16s} "
               f"{'' if frac is None else f'{100 * frac:.0f}%':>8s}")
 
 

@@ -2,8 +2,11 @@
 
 See conftest.py for the options and the JSON summary it writes.
 """
+import os
+import subprocess
+import sys
+
 import pytest
-import torch
 
 import workloads
 
@@ -17,15 +20,21 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_step_loss(benchmark, bench_device, record, size, impl):
+def test_step_loss(benchmark, bench_device, record, size, impl, request):
     case = workloads.make_case(size, bench_device)
     run = lambda: workloads.forward_backward(impl, case)  # noqa: E731
     for _ in range(3):  # warm-up: compilation, autotuning, allocator
         run()
     benchmark.group = f"step_loss/{size}"
     benchmark.pedantic(run, rounds=10 if bench_device == "cpu" else 50, iterations=1)
-    case.model_output.grad = None
-    peak = workloads.peak_memory_bytes(run, bench_device)
+    if bench_device == "cuda":
+        case.model_output.grad = None
+        peak = workloads.peak_memory_bytes(run, bench_device)
+    else:
+        script = os.path.join(os.path.dirname(__file__), "peak_memory.py")
+        peak = int(subprocess.run([sys.executable, script, "--device", "cpu", "--size", size, "--impl", impl,
+                                   "--threads", str(request.config.getoption("--bench-threads"))],
+                                  check=True, capture_output=True, text=True).stdout.split()[-1])
     record(device=bench_device, kind="step_loss", size=size, impl=impl,
            median_s=benchmark.stats.stats.median, peak_bytes=peak,
            min_bytes=workloads.minimal_bytes(case), latent_f32_bytes=case.numel * 4,

@@ -281,3 +281,27 @@ def test_backward_keeps_no_latent_sized_float32_temporaries(backend):
     for t in saved:
         assert t.untyped_storage().data_ptr() in inputs or t.numel() <= shape[0], (
             f"saved a new {t.dtype} tensor of shape {tuple(t.shape)}")
+
+
+@pytest.mark.parametrize("block", [100, 700, 5000])
+def test_torch_path_blocking(monkeypatch, block):
+    """The PyTorch twin works on blocks (whole rows, or column pieces of long rows): results do not
+    depend on the block size."""
+    from dancegrpo_fast.kernels import step_loss_torch
+
+    shape = (3, 4, 15, 17)  # 1020 elements per row
+    v, x, xn, c, old, adv, vref = make_case(shape, with_ref=True)
+    noise = torch.randn(shape)
+    v_ref_grad = v.clone().requires_grad_()
+    expect = fused_step_loss(v_ref_grad, x, xn, c, old, adv, clip_range=0.02, ref_model_output=vref, kl_beta=0.2, backend="torch")
+    expect.loss.backward()
+    expect_step = sde_step(v, x, c, noise=noise, backend="torch")
+    monkeypatch.setattr(step_loss_torch, "ROW_BLOCK_ELEMENTS", block)
+    v1 = v.clone().requires_grad_()
+    out = fused_step_loss(v1, x, xn, c, old, adv, clip_range=0.02, ref_model_output=vref, kl_beta=0.2, backend="torch")
+    out.loss.backward()
+    step = sde_step(v, x, c, noise=noise, backend="torch")
+    assert torch.allclose(out.loss.detach(), expect.loss.detach(), rtol=1e-6)
+    assert torch.allclose(v1.grad, v_ref_grad.grad, rtol=1e-5, atol=1e-9)
+    assert torch.equal(step.prev_sample, expect_step.prev_sample)
+    assert torch.allclose(step.log_prob, expect_step.log_prob, rtol=1e-6)

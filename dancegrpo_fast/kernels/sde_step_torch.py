@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .step_loss_torch import _row_blocks
+from .step_loss_torch import _blocks
 
 
 def sde_step_torch(model_output: Tensor, latents: Tensor, a: Tensor, b: Tensor, s: Tensor,
@@ -19,14 +19,14 @@ def sde_step_torch(model_output: Tensor, latents: Tensor, a: Tensor, b: Tensor, 
     batch, n = x2.shape
     a, b, s = (t.detach().to(torch.float32) for t in (a, b, s))
     out = torch.empty_like(x2)
-    sq = torch.empty(batch, dtype=torch.float32, device=x2.device)
-    for rs in _row_blocks(batch, n):
-        mean = v2[rs].to(torch.float32, copy=True)
-        mean.mul_(b[rs, None]).addcmul_(x2[rs], a[rs, None])
+    sq = torch.zeros(batch, dtype=torch.float32, device=x2.device)
+    for rs, cs in _blocks(batch, n):
+        mean = v2[rs, cs].to(torch.float32, copy=True)
+        mean.mul_(b[rs, None]).addcmul_(x2[rs, cs], a[rs, None])
         if noise2 is None:
-            out[rs] = mean
+            out[rs, cs] = mean
         else:
-            out[rs] = torch.addcmul(mean, noise2[rs].to(torch.float32), s[rs, None])
-        residual = out[rs].to(torch.float32) - mean
-        sq[rs] = torch.linalg.vecdot(residual, residual, dim=1)
+            out[rs, cs] = torch.addcmul(mean, noise2[rs, cs].to(torch.float32), s[rs, None])
+        residual = out[rs, cs].to(torch.float32) - mean
+        sq[rs] += torch.linalg.vecdot(residual, residual, dim=1)
     return out.view(shape), sq

@@ -14,13 +14,20 @@ import torch
 from torch import Tensor
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-ROW_BLOCK_ELEMENTS = 1 << 20
+ROW_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per temporary
 
 
-def _row_blocks(batch: int, n: int):
-    rows = max(1, ROW_BLOCK_ELEMENTS // max(n, 1))
-    for start in range(0, batch, rows):
-        yield slice(start, min(batch, start + rows))
+def _blocks(batch: int, n: int):
+    """(rows, cols) slices tiling a (batch, n) matrix in blocks of about ROW_BLOCK_ELEMENTS:
+    several whole rows when rows are short, column pieces of one row when they are long."""
+    if n <= ROW_BLOCK_ELEMENTS:
+        rows = max(1, ROW_BLOCK_ELEMENTS // max(n, 1))
+        for start in range(0, batch, rows):
+            yield slice(start, min(batch, start + rows)), slice(None)
+        return
+    for row in range(batch):
+        for col in range(0, n, ROW_BLOCK_ELEMENTS):
+            yield slice(row, row + 1), slice(col, min(n, col + ROW_BLOCK_ELEMENTS))
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -28,26 +35,26 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _residual(v2: Tensor, x2: Tensor, xn2: Tensor, a: Tensor, b: Tensor, rs: slice) -> Tensor:
-    """d = x' - (a x + b v) for rows rs, in a's dtype (float32), one new buffer."""
-    d = v2[rs].to(a.dtype, copy=True)
+def _residual(v2: Tensor, x2: Tensor, xn2: Tensor, a: Tensor, b: Tensor, rs: slice, cs: slice) -> Tensor:
+    """d = x' - (a x + b v) on block (rs, cs), in a's dtype (float32), one new buffer."""
+    d = v2[rs, cs].to(a.dtype, copy=True)
     d.mul_(-b[rs, None])
-    d.addcmul_(x2[rs], -a[rs, None])
-    d.add_(xn2[rs])
+    d.addcmul_(x2[rs, cs], -a[rs, None])
+    d.add_(xn2[rs, cs])
     return d
 
 
 def row_sums(v2: Tensor, x2: Tensor, xn2: Tensor, vref2: Optional[Tensor], a: Tensor, b: Tensor):
     """Per-row sum(d^2) and, with a reference output, sum((v - v_ref)^2), float32 (B,)."""
     batch, n = v2.shape
-    sq = torch.empty(batch, dtype=a.dtype, device=v2.device)
+    sq = torch.zeros(batch, dtype=a.dtype, device=v2.device)
     klsq = torch.zeros(batch, dtype=a.dtype, device=v2.device)
-    for rs in _row_blocks(batch, n):
-        d = _residual(v2, x2, xn2, a, b, rs)
-        sq[rs] = torch.linalg.vecdot(d, d, dim=1)
+    for rs, cs in _blocks(batch, n):
+        d = _residual(v2, x2, xn2, a, b, rs, cs)
+        sq[rs] += torch.linalg.vecdot(d, d, dim=1)
         if vref2 is not None:
-            torch.sub(v2[rs], vref2[rs], out=d)
-            klsq[rs] = torch.linalg.vecdot(d, d, dim=1)
+            torch.sub(v2[rs, cs], vref2[rs, cs], out=d)
+            klsq[rs] += torch.linalg.vecdot(d, d, dim=1)
     return sq, klsq
 
 
@@ -89,12 +96,12 @@ def grad_rows(v2: Tensor, x2: Tensor, xn2: Tensor, vref2: Optional[Tensor], a: T
     """dL/dv = coef_d * d + coef_kl * (v - v_ref), in v's dtype."""
     batch, n = v2.shape
     grad = torch.empty_like(v2)
-    for rs in _row_blocks(batch, n):
-        d = _residual(v2, x2, xn2, a, b, rs)
+    for rs, cs in _blocks(batch, n):
+        d = _residual(v2, x2, xn2, a, b, rs, cs)
         d.mul_(coef_d[rs, None])
         if vref2 is not None:
-            d.add_((v2[rs].to(d.dtype) - vref2[rs].to(d.dtype)).mul_(coef_kl[rs, None]))
-        grad[rs] = d
+            d.add_((v2[rs, cs].to(d.dtype) - vref2[rs, cs].to(d.dtype)).mul_(coef_kl[rs, None]))
+        grad[rs, cs] = d
     return grad
 
 
