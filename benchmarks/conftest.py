@@ -63,7 +63,7 @@ def pytest_sessionfinish(session, exitstatus):
             summary["copy_bandwidth_GBps"] = rec["bytes_per_s"] / 1e9
             continue
         entry = summary.setdefault(rec["size"], {})
-        entry[rec["impl"]] = {k: rec[k] for k in ("median_s", "peak_bytes", "min_bytes", "latent_f32_bytes", "grad_bytes") if k in rec}
+        entry[rec["impl"]] = {k: rec[k] for k in ("median_s", "peak_bytes", "min_bytes", "latent_f32_bytes", "grad_bytes", "kernel_s", "kernel_s_error") if k in rec}
     for size, entry in summary.items():
         if not isinstance(entry, dict) or "fused" not in entry:
             continue
@@ -78,6 +78,11 @@ def pytest_sessionfinish(session, exitstatus):
         fused["achieved_GBps"] = fused["min_bytes"] / fused["median_s"] / 1e9
         if "copy_bandwidth_GBps" in summary:
             fused["fraction_of_copy_bandwidth"] = fused["achieved_GBps"] / summary["copy_bandwidth_GBps"]
+        if fused.get("kernel_s"):
+            # device time only (no launch overhead): what the kernels themselves achieve
+            fused["kernel_GBps"] = fused["min_bytes"] / fused["kernel_s"] / 1e9
+            if "copy_bandwidth_GBps" in summary:
+                fused["kernel_fraction_of_copy_bandwidth"] = fused["kernel_GBps"] / summary["copy_bandwidth_GBps"]
     out = {
         "device": workloads.device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -86,7 +91,8 @@ def pytest_sessionfinish(session, exitstatus):
         "results": summary,
         "notes": "median_s: forward + backward of one training step's loss; peak_bytes: peak "
                  "allocation beyond the inputs during it (the gradient included); min_bytes: "
-                 "bytes a forward + backward must move at least (read v, x, x' twice, write dL/dv).",
+                 "bytes a forward + backward must move at least (read v, x, x' twice, write dL/dv); "
+                 "kernel_s (CUDA): summed GPU kernel time per forward + backward, from the profiler.",
     }
     results_dir = session.config.getoption("--results-dir")
     os.makedirs(results_dir, exist_ok=True)

@@ -21,6 +21,9 @@ def main(path):
         print(f"{size:16s} {ms(f):>9s} {ms(e):>9s} {ms(c):>10s} {e.get('speedup_of_fused', float('nan')):8.2f} "
               f"{c.get('speedup_of_fused', float('nan')):9.2f} {mb(f) + '/' + mb(e) + '/' + mb(c):>18s} {bufs:>16s} "
               f"{'' if frac is None else f'{100 * frac:.0f}%':>8s}")
+        if f.get("kernel_fraction_of_copy_bandwidth") is not None:
+            print(f"{'':16s} fused kernels alone: {f['kernel_s'] * 1e6:.1f} us, "
+                  f"{100 * f['kernel_fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
 
 
 if __name__ == "__main__":

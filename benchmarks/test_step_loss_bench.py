@@ -27,9 +27,14 @@ def test_step_loss(benchmark, bench_device, record, size, impl, request):
         run()
     benchmark.group = f"step_loss/{size}"
     benchmark.pedantic(run, rounds=10 if bench_device == "cpu" else 50, iterations=1)
+    extra = {}
     if bench_device == "cuda":
         case.model_output.grad = None
         peak = workloads.peak_memory_bytes(run, bench_device)
+        try:
+            extra["kernel_s"] = workloads.device_kernel_seconds(run)
+        except Exception as exc:  # the profiler's API differs between torch versions
+            extra["kernel_s_error"] = repr(exc)
     else:
         script = os.path.join(os.path.dirname(__file__), "peak_memory.py")
         peak = int(subprocess.run([sys.executable, script, "--device", "cpu", "--size", size, "--impl", impl,
@@ -38,7 +43,7 @@ def test_step_loss(benchmark, bench_device, record, size, impl, request):
     record(device=bench_device, kind="step_loss", size=size, impl=impl,
            median_s=benchmark.stats.stats.median, peak_bytes=peak,
            min_bytes=workloads.minimal_bytes(case), latent_f32_bytes=case.numel * 4,
-           grad_bytes=case.model_output.numel() * case.model_output.element_size())
+           grad_bytes=case.model_output.numel() * case.model_output.element_size(), **extra)
 
 
 def test_fused_matches_eager(bench_device, size):

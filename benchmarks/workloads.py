@@ -188,3 +188,21 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def device_kernel_seconds(fn, repeats: int = 20):
+    """CUDA only: the GPU time of fn's kernels per call (sum of kernel durations from the
+    profiler), without the host-side launch overhead that wall-clock timing includes. None if
+    the profiler gives no kernel events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for event in prof.events():
+        if getattr(event, "device_type", None) == DeviceType.CUDA:
+            total_us += getattr(event, "device_time", None) or getattr(event, "cuda_time", 0.0)
+    return total_us * 1e-6 / repeats if total_us > 0 else None
