@@ -83,7 +83,7 @@ def _check_coefficients(coeffs: StepCoefficients, batch: int, device: torch.devi
                              f"{tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"coeffs.{name} is on {t.device} but the latents are on {device}")
-    if need_log_prob and (coeffs.s <= 0).any():
+    if need_log_prob and coeffs.step_kind() != "sde":
         raise ValueError("the step is deterministic (coeffs.s == 0 for some sample): it has no "
                          "log-prob. ODE steps (outside the SDE window) are never trained")
 
@@ -92,7 +92,9 @@ def _check_per_sample(t: Tensor, name: str, batch: int) -> None:
     if not isinstance(t, Tensor) or t.shape != (batch,):
         raise ValueError(f"{name} must be a tensor of shape ({batch},), got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if not torch.isfinite(t).all():
+    # Values are checked only where it costs no device sync; on a GPU the producers check them
+    # (group_advantages refuses non-finite rewards).
+    if t.device.type == "cpu" and not torch.isfinite(t).all():
         raise ValueError(f"{name} must be finite (found NaN or inf)")
 
 
@@ -176,10 +178,11 @@ def sde_step(model_output: Tensor, latents: Tensor, coeffs: StepCoefficients,
     check_step_shapes(model_output, latents)
     batch = latents.shape[0]
     _check_coefficients(coeffs, batch, latents.device, need_log_prob=False)
-    deterministic = bool((coeffs.s == 0).all())
-    if not deterministic and (coeffs.s <= 0).any():
+    kind = coeffs.step_kind()
+    if kind == "mixed":
         raise ValueError("coeffs.s must be > 0 for every sample of a stochastic step (or 0 for all "
                          "samples of an ODE step)")
+    deterministic = kind == "ode"
     if noise is not None and seeds is not None:
         raise ValueError("give either noise or seeds, not both")
     if noise is not None and noise.shape != latents.shape:

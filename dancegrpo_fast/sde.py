@@ -16,7 +16,7 @@ as DanceGRPO and Flow-GRPO train with it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -32,26 +32,51 @@ class StepCoefficients:
     """Per-sample coefficients of one affine Gaussian step: mu = a * x + b * v, std = s.
 
     a, b, s: float32 tensors of shape (B,). s == 0 marks a deterministic (ODE) step.
+
+    Whether the step is stochastic is worked out once, while s is on the CPU (where the builders
+    make it), and carried through `.to(device)` and `.index(rows)`: asking a CUDA tensor would
+    stall the GPU pipeline at every step.
     """
 
     a: Tensor
     b: Tensor
     s: Tensor
+    kind: Optional[str] = field(default=None, repr=False)  # "sde", "ode" or "mixed"; None: unknown
+
+    def __post_init__(self):
+        if self.kind is None and self.s.device.type == "cpu":
+            self.kind = _step_kind(self.s)
 
     @property
     def batch_size(self) -> int:
         return self.a.shape[0]
 
+    def step_kind(self) -> str:
+        """"sde" (every s > 0), "ode" (every s == 0) or "mixed"; computed on the device (a sync)
+        only when it was not known on the CPU."""
+        if self.kind is None:
+            self.kind = _step_kind(self.s)
+        return self.kind
+
     @property
     def is_deterministic(self) -> bool:
-        return bool((self.s == 0).all())
+        return self.step_kind() == "ode"
 
     def to(self, device) -> "StepCoefficients":
-        return StepCoefficients(self.a.to(device), self.b.to(device), self.s.to(device))
+        return StepCoefficients(self.a.to(device), self.b.to(device), self.s.to(device), kind=self.kind)
 
     def index(self, rows) -> "StepCoefficients":
         """The coefficients of a subset of samples (rows: index tensor, slice or list)."""
-        return StepCoefficients(self.a[rows], self.b[rows], self.s[rows])
+        kind = self.kind if self.kind in ("sde", "ode") else None
+        return StepCoefficients(self.a[rows], self.b[rows], self.s[rows], kind=kind)
+
+
+def _step_kind(s: Tensor) -> str:
+    if bool((s > 0).all()):
+        return "sde"
+    if bool((s == 0).all()):
+        return "ode"
+    return "mixed"
 
 
 @dataclass

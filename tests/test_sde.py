@@ -239,3 +239,13 @@ def test_step_coefficients_helpers():
     sub = c.index(torch.tensor([2, 0]))
     assert torch.equal(sub.a, c.a[[2, 0]]) and not sub.is_deterministic
     assert ode_coefficients(0.5, 0.4, 2).is_deterministic
+
+
+def test_step_kind_is_known_on_the_cpu_and_carried():
+    """The SDE/ODE distinction is computed once on the CPU, so device code never syncs for it."""
+    c = dance_coefficients(0.5, 0.4, 0.3, 3)
+    assert c.kind == "sde"
+    assert c.to("cpu").kind == "sde" and c.index([0, 2]).kind == "sde"
+    assert ode_coefficients(0.5, 0.4, 2).kind == "ode"
+    mixed = StepCoefficients(torch.ones(2), torch.ones(2), torch.tensor([0.0, 0.1]))
+    assert mixed.kind == "mixed" and mixed.index([1]).step_kind() == "sde"
