@@ -192,19 +192,17 @@ class TritonStepLoss(torch.autograd.Function):
         a, b, s = _f32(a), _f32(b), _f32(s)
         batch, n = v2.shape
         sq, klsq, chunk, num_chunks = _partials(v2, x2, xn2, vref2, a, b)
-        f32 = dict(dtype=torch.float32, device=v2.device)
-        log_prob, ratio, clipped = (torch.empty(batch, **f32) for _ in range(3))
-        kl = torch.zeros(batch, **f32)
-        coef_d = torch.empty(batch, **f32)
-        coef_kl = torch.empty(batch, **f32) if vref2 is not None else coef_d
-        loss = torch.empty((), **f32)
+        # One allocation for all the small outputs (launch-bound at FLUX size: fewer host calls).
+        small = torch.zeros(6 * batch + 1, dtype=torch.float32, device=v2.device)
+        log_prob, ratio, clipped, kl, coef_d, coef_kl = small[:6 * batch].view(6, batch).unbind(0)
+        loss = small[6 * batch]
         _finish_kernel[(1,)](
             sq, klsq, b, s, _f32(old_log_prob), _f32(advantages),
             log_prob, ratio, clipped, kl, coef_d, coef_kl, loss,
             batch, num_chunks, 1.0 / n, float(clip_range), float(adv_clip_max), float(kl_beta),
             HALF_LOG_2PI=HALF_LOG_2PI, HAS_REF=vref2 is not None,
             BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C)
-        ctx.save_for_backward(v2, x2, xn2, vref2, a, b, coef_d, coef_kl if vref2 is not None else None)
+        ctx.save_for_backward(v2, x2, xn2, vref2, a, b, coef_d, coef_kl)
         ctx.shape, ctx.chunk, ctx.num_chunks = shape, chunk, num_chunks
         ctx.mark_non_differentiable(log_prob, ratio, clipped, kl)
         return loss, log_prob, ratio, clipped, kl
