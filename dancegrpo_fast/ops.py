@@ -99,7 +99,7 @@ def _check_per_sample(t: Tensor, name: str, batch: int) -> None:
 
 
 def fused_step_loss(model_output: Tensor, latents: Tensor, next_latents: Tensor,
-                    coeffs: StepCoefficients, old_log_prob: Tensor, advantages: Tensor,
+                    coeffs: StepCoefficients, old_log_prob: Optional[Tensor], advantages: Tensor,
                     clip_range: float = 1e-4, adv_clip_max: float = 5.0,
                     ref_model_output: Optional[Tensor] = None, kl_beta: float = 0.0,
                     backend: Optional[str] = None) -> StepLossOutput:
@@ -110,13 +110,18 @@ def fused_step_loss(model_output: Tensor, latents: Tensor, next_latents: Tensor,
 
     model_output v (B, ...) requires grad (any float dtype); latents x and next_latents x' match
     its shape; coeffs from the `*_coefficients` builders; old_log_prob, advantages (B,). The
-    gradient flows to model_output only. Never materialises latent-sized float32 temporaries on
+    gradient flows to model_output only.
+
+    old_log_prob=None means on-policy (the parameters are those that sampled, as before the first
+    optimizer step of an iteration): the op uses its own detached log-prob, so the ratio is
+    exactly 1 on every backend and no separate log-prob pass is needed. Never materialises latent-sized float32 temporaries on
     the Triton path (and at most row blocks of them on the PyTorch path).
     """
     check_step_shapes(model_output, latents, next_latents)
     batch = latents.shape[0]
     _check_coefficients(coeffs, batch, latents.device, need_log_prob=True)
-    _check_per_sample(old_log_prob, "old_log_prob", batch)
+    if old_log_prob is not None:
+        _check_per_sample(old_log_prob, "old_log_prob", batch)
     _check_per_sample(advantages, "advantages", batch)
     if not clip_range >= 0:
         raise ValueError(f"clip_range must be >= 0, got {clip_range!r}")
@@ -142,7 +147,9 @@ def fused_step_loss(model_output: Tensor, latents: Tensor, next_latents: Tensor,
 def step_log_prob(model_output: Tensor, latents: Tensor, next_latents: Tensor,
                   coeffs: StepCoefficients, backend: Optional[str] = None) -> Tensor:
     """(B,) float32 log-prob of next_latents under Normal(a x + b v, s^2) (element mean),
-    differentiable w.r.t. model_output; one pass forward, one backward."""
+    differentiable w.r.t. model_output; one pass forward, one backward. Bit-identical to the
+    log_prob that `fused_step_loss` computes on the same backend, so it can serve as the "old"
+    log-prob of a later update."""
     check_step_shapes(model_output, latents, next_latents)
     _check_coefficients(coeffs, latents.shape[0], latents.device, need_log_prob=True)
     if resolve_backend(latents.device, backend) == "triton":

@@ -70,7 +70,7 @@ def _partials_kernel(v_ptr, x_ptr, xn_ptr, vref_ptr, a_ptr, b_ptr, sq_ptr, klsq_
 def _finish_kernel(sq_ptr, klsq_ptr, b_ptr, s_ptr, old_ptr, adv_ptr,
                    logp_ptr, ratio_ptr, clipped_ptr, kl_ptr, coef_d_ptr, coef_kl_ptr, loss_ptr,
                    B, NUM_CHUNKS, inv_n, clip_range, adv_clip_max, kl_beta,
-                   HALF_LOG_2PI: tl.constexpr, HAS_REF: tl.constexpr,
+                   HALF_LOG_2PI: tl.constexpr, HAS_REF: tl.constexpr, ON_POLICY: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     inv_b = 1.0 / B
     total = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -88,11 +88,14 @@ def _finish_kernel(sq_ptr, klsq_ptr, b_ptr, s_ptr, old_ptr, adv_ptr,
                 klsq += tl.sum(tl.load(klsq_ptr + offs, mask=tile_mask, other=0.0), axis=1)
         s = tl.load(s_ptr + rows, mask=row_mask, other=1.0)
         bcoef = tl.load(b_ptr + rows, mask=row_mask, other=0.0)
-        old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
         adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
         adv = tl.minimum(tl.maximum(adv, -adv_clip_max), adv_clip_max)
         inv_var = 1.0 / (s * s)
         logp = -0.5 * sq * inv_n * inv_var - tl.log(s) - HALF_LOG_2PI
+        if ON_POLICY:
+            old = logp  # the sampling policy is the one being trained: ratio exactly 1
+        else:
+            old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
         ratio = tl.exp(logp - old)
         lo = 1.0 - clip_range
         hi = 1.0 + clip_range
@@ -196,11 +199,12 @@ class TritonStepLoss(torch.autograd.Function):
         small = torch.zeros(6 * batch + 1, dtype=torch.float32, device=v2.device)
         log_prob, ratio, clipped, kl, coef_d, coef_kl = small[:6 * batch].view(6, batch).unbind(0)
         loss = small[6 * batch]
+        on_policy = old_log_prob is None
         _finish_kernel[(1,)](
-            sq, klsq, b, s, _f32(old_log_prob), _f32(advantages),
+            sq, klsq, b, s, a if on_policy else _f32(old_log_prob), _f32(advantages),
             log_prob, ratio, clipped, kl, coef_d, coef_kl, loss,
             batch, num_chunks, 1.0 / n, float(clip_range), float(adv_clip_max), float(kl_beta),
-            HALF_LOG_2PI=HALF_LOG_2PI, HAS_REF=vref2 is not None,
+            HALF_LOG_2PI=HALF_LOG_2PI, HAS_REF=vref2 is not None, ON_POLICY=on_policy,
             BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C)
         ctx.save_for_backward(v2, x2, xn2, vref2, a, b, coef_d, coef_kl)
         ctx.shape, ctx.chunk, ctx.num_chunks = shape, chunk, num_chunks
@@ -216,19 +220,31 @@ class TritonStepLoss(torch.autograd.Function):
 
 
 class TritonStepLogProb(torch.autograd.Function):
-    """log_prob (B,) of x' under Normal(a x + b v, s^2), differentiable w.r.t. v."""
+    """log_prob (B,) of x' under Normal(a x + b v, s^2), differentiable w.r.t. v.
+
+    The forward reduces with the same kernels as TritonStepLoss (partials, then the finishing
+    program), so its log-probs are bit-identical to the ones the loss computes: an "old" log-prob
+    taken from here gives a ratio of exactly 1 at the same parameters.
+    """
 
     @staticmethod
     def forward(ctx, model_output, latents, next_latents, a, b, s):
         shape = model_output.shape
         v2, x2, xn2 = _rows(model_output), _rows(latents), _rows(next_latents)
         a, b, s = _f32(a), _f32(b), _f32(s)
-        n = v2.shape[1]
+        batch, n = v2.shape
         sq, _, chunk, num_chunks = _partials(v2, x2, xn2, None, a, b)
-        log_prob = -0.5 * sq.sum(dim=1) / (n * s * s) - torch.log(s) - HALF_LOG_2PI
+        small = torch.zeros(6 * batch + 1, dtype=torch.float32, device=v2.device)
+        log_prob, ratio, clipped, kl, coef_d, _ = small[:6 * batch].view(6, batch).unbind(0)
+        zero_advantages = small[5 * batch:6 * batch]
+        _finish_kernel[(1,)](
+            sq, sq, b, s, a, zero_advantages, log_prob, ratio, clipped, kl, coef_d, coef_d,
+            small[6 * batch], batch, num_chunks, 1.0 / n, 0.0, 1.0, 0.0,
+            HALF_LOG_2PI=HALF_LOG_2PI, HAS_REF=False, ON_POLICY=True,
+            BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C)
         ctx.save_for_backward(v2, x2, xn2, a, b, s)
         ctx.shape, ctx.chunk, ctx.num_chunks = shape, chunk, num_chunks
-        return log_prob
+        return log_prob.clone()
 
     @staticmethod
     def backward(ctx, grad_log_prob):

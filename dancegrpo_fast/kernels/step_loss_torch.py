@@ -66,6 +66,7 @@ def finish_terms(sq: Tensor, klsq: Tensor, b: Tensor, s: Tensor, n: int, old_log
                  advantages: Tensor, clip_range: float, adv_clip_max: float, kl_beta: float):
     """Per-sample GRPO terms from the row sums, and the gradient coefficients of the loss.
 
+    old_log_prob None means on-policy: the ratio is exactly 1.
     Returns loss (scalar), log_prob, ratio, clipped, kl, coef_d, coef_kl (all float32 (B,)), where
     dloss/dv = coef_d * d + coef_kl * (v - v_ref) row by row.
     """
@@ -73,7 +74,8 @@ def finish_terms(sq: Tensor, klsq: Tensor, b: Tensor, s: Tensor, n: int, old_log
     inv_var = 1.0 / (s * s)
     log_prob = log_prob_from_sums(sq, s, n)
     adv = advantages.to(sq.dtype).clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(log_prob - old_log_prob.to(sq.dtype))
+    # old_log_prob None: on-policy (the sampling policy is the one being trained), ratio exactly 1
+    ratio = torch.exp(log_prob - (log_prob if old_log_prob is None else old_log_prob.to(sq.dtype)))
     lo, hi = 1.0 - clip_range, 1.0 + clip_range
     inside = (ratio >= lo) & (ratio <= hi)
     unclipped = -adv * ratio
@@ -124,7 +126,8 @@ class TorchStepLoss(torch.autograd.Function):
         a, b, s = _cast(a, dtype), _cast(b, dtype), _cast(s, dtype)
         sq, klsq = row_sums(v2, x2, xn2, vref2, a, b)
         loss, log_prob, ratio, clipped, kl, coef_d, coef_kl = finish_terms(
-            sq, klsq, b, s, v2.shape[1], _cast(old_log_prob, dtype), _cast(advantages, dtype),
+            sq, klsq, b, s, v2.shape[1], None if old_log_prob is None else _cast(old_log_prob, dtype),
+            _cast(advantages, dtype),
             float(clip_range), float(adv_clip_max), float(kl_beta))
         ctx.save_for_backward(v2, x2, xn2, vref2, a, b, coef_d, coef_kl)
         ctx.shape = model_output.shape
