@@ -8,7 +8,7 @@ the unfused step and the loss from `grpo.grpo_loss`, the rollout log-prob used a
 Both loops call the same policy (same model, same text cache), so the difference is the loop
 structure and the fused ops.
 
-    .venv/bin/python benchmarks/bench_train_iteration.py [--repeats 3] [--size 32]
+    .venv/bin/python benchmarks/bench_train_iteration.py [--repeats 7] [--size 32] [--threads 1]
 
 Writes benchmarks/results/train_iteration_cpu.json.
 """
@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dancegrpo_fast import grpo, sde  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
-from dancegrpo_fast.rollout import decode_trajectory  # noqa: E402
 from dancegrpo_fast.sde import flow_sigmas  # noqa: E402
 from dancegrpo_fast.train import Trainer, compute_advantages, score_rewards  # noqa: E402
 from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
@@ -96,8 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (latent side = size / 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "train_iteration_cpu.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

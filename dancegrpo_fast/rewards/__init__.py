@@ -35,3 +35,7 @@ __all__ = [
     "ImagePreprocess", "RemoteReward", "RemoteRewardError", "BinaryReward", "FrameMeanReward",
     "JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb",
 ]
+
+# The built-in tiny task's reward registers itself (tiny_geneval, tiny_geneval_binary); imported
+# last because it builds on this package.
+from ..tiny import reward as _tiny_reward  # noqa: E402,F401

@@ -1,0 +1,83 @@
+"""Per-iteration metrics: one JSONL row per iteration, TensorBoard when installed, sample grids."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+
+class MetricsLogger:
+    """Appends one JSON object per iteration to output_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                except Exception:  # tensorboard not installed: JSONL only
+                    self.writer = None
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop rows past `iteration` (an interrupted run logged iterations its resume redoes)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("iteration", 0) <= iteration:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short by a kill
+        self.path.write_text("".join(row + "\n" for row in kept))
+
+    def log(self, row: Dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            step = row.get("iteration", 0)
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_sample_grid(samples: torch.Tensor, path, max_samples: int = 16, columns: Optional[int] = None) -> Path:
+    """Write a PNG grid of images (B, 3, H, W) or video first frames (B, T, 3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    if samples.dim() == 5:
+        samples = samples[:, 0]
+    samples = samples[:max_samples].detach().float().clamp(0, 1).cpu()
+    count, _, height, width = samples.shape
+    columns = columns or min(count, 4)
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(3, rows * height, columns * width)
+    for i in range(count):
+        r, c = divmod(i, columns)
+        grid[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = samples[i]
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,313 @@
+"""The policy interface: everything the trainer needs to know about one model family.
+
+A policy owns a diffusers pipeline loaded from a local folder, the trainable module (the
+transformer or UNet), the sampler schedule as per-step (a, b, s) coefficients (SPEC 1), a cache of
+text embeddings, and the model call. The trainer sees latents in the policy's "model space" (e.g.
+FLUX's packed tokens): every step is element-wise there, so the log-prob is the same as in the
+unpacked layout.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..sde import (StepCoefficients, ddim_coefficients, dance_coefficients, flow_grpo_coefficients, flow_sigmas,
+                   ode_coefficients)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Conditioning = Dict[str, Tensor]
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that does not exist, is not in the diffusers layout, lacks a component or
+    fails to load."""
+
+
+@dataclass
+class StepSchedule:
+    """The sampler as per-step tensors (S = number of steps).
+
+    timesteps: (S,) float64, the timestep the model receives at each step, in its own units.
+    a, b, s: (S,) float32 affine-Gaussian coefficients (s == 0 for ODE steps).
+    sde: (S,) bool, the stochastic (trainable) steps.
+    """
+
+    timesteps: Tensor
+    a: Tensor
+    b: Tensor
+    s: Tensor
+    sde: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    def coefficients(self, step_index: Tensor, device) -> StepCoefficients:
+        """Per-sample coefficients: step_index (B,) int64 -> StepCoefficients of (B,) each."""
+        step_index = step_index.cpu()
+        # Built on the CPU first, so that whether the step is stochastic is known without a
+        # device sync (StepCoefficients carries it through .to()).
+        return StepCoefficients(self.a[step_index], self.b[step_index], self.s[step_index]).to(device)
+
+    def model_timesteps(self, step_index: Tensor, device, dtype=torch.float32) -> Tensor:
+        return self.timesteps[step_index.cpu()].to(device=device, dtype=dtype)
+
+
+def _stack(rows: List[StepCoefficients]) -> tuple:
+    return tuple(torch.cat([getattr(c, name) for c in rows]) for name in ("a", "b", "s"))
+
+
+def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_steps: Sequence[int],
+                  timestep_scale: float) -> StepSchedule:
+    """Rectified-flow schedule (SPEC 1a/1b/1d). The model receives int(sigma * 1000) / 1000 times
+    `timestep_scale` (1 for FLUX, whose transformer multiplies by 1000 itself; 1000 for SD3,
+    HunyuanVideo, Wan), as DanceGRPO feeds it."""
+    sigmas = flow_sigmas(num_steps, shift, dtype=torch.float64)
+    sde = torch.zeros(num_steps, dtype=torch.bool)
+    sde[list(sde_steps)] = True
+    rows = []
+    for i in range(num_steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if not sde[i]:
+            rows.append(ode_coefficients(sigma, sigma_next, 1))
+        elif sampler == "dance":
+            rows.append(dance_coefficients(sigma, sigma_next, eta, 1))
+        elif sampler == "flow_grpo":
+            rows.append(flow_grpo_coefficients(sigma, sigma_next, eta, float(sigmas[1]), 1))
+        else:
+            raise ValueError(f"sampler {sampler!r} is not a rectified-flow sampler (dance, flow_grpo)")
+    a, b, s = _stack(rows)
+    if (s[sde] <= 0).any():
+        raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
+    timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
+                             dtype=torch.float64)
+    return StepSchedule(timesteps, a, b, s, sde)
+
+
+def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
+    """DDIM with eta (SPEC 1c) from a diffusers DDIMScheduler's alphas_cumprod: step i goes from
+    t_i to t_i - num_train_timesteps // S. Steps outside the SDE window use eta 0 (deterministic)."""
+    if getattr(scheduler.config, "clip_sample", False):
+        raise ValueError("the scheduler has clip_sample=True, which makes the DDIM step non-affine; "
+                         "set clip_sample to false in scheduler/scheduler_config.json")
+    if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"only epsilon prediction is supported for DDIM, got "
+                         f"{scheduler.config.prediction_type!r}")
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.to(torch.int64)
+    alphas = scheduler.alphas_cumprod.to(torch.float64)
+    final = float(scheduler.final_alpha_cumprod)
+    stride = scheduler.config.num_train_timesteps // num_steps
+    sde = torch.zeros(num_steps, dtype=torch.bool)
+    sde[list(sde_steps)] = True
+    rows = []
+    for i, t in enumerate(timesteps.tolist()):
+        prev_t = t - stride
+        alpha_bar_prev = float(alphas[prev_t]) if prev_t >= 0 else final
+        rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
+    a, b, s = _stack(rows)
+    if (s[sde] <= 0).any():
+        bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
+        raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: their two alphas coincide, e.g. "
+                         f"steps_offset=0 with set_alpha_to_one=False at t = 0); shrink the SDE window "
+                         f"or fix the scheduler config")
+    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)
+
+
+def check_model_folder(path, pipeline_classes: Sequence[str], family: str) -> Dict:
+    """The folder exists, has a model_index.json naming one of `pipeline_classes`, and has every
+    component folder that model_index.json lists. Returns the parsed model_index.json."""
+    if not path:
+        raise ModelLoadError(f"model_path is empty: give the local folder of a {family} checkpoint in "
+                             f"the diffusers layout")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model path {str(folder)!r} does not exist or is not a folder")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{str(folder)!r} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{str(index_file)!r} is not valid JSON: {error}") from None
+    class_name = index.get("_class_name")
+    if class_name not in pipeline_classes:
+        raise ModelLoadError(f"{str(folder)!r} holds a {class_name}, but model_family {family!r} expects "
+                             f"one of {list(pipeline_classes)}")
+    missing = []
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / component
+        if not sub.is_dir() or not any(sub.iterdir()):
+            missing.append(component)
+    if missing:
+        raise ModelLoadError(f"{str(folder)!r} lacks the component folder(s) {missing} that model_index.json lists")
+    return index
+
+
+class Policy(abc.ABC):
+    """One model family. Subclasses set the class attributes and implement the abstract methods.
+
+    Attributes after construction: `pipe` (the diffusers pipeline), `model` (the trainable
+    nn.Module, `pipe.<model_component>`), `forward_model` (what predict calls: `model` or its
+    DDP wrapper), `device`.
+    """
+
+    family: str = ""
+    pipeline_classes: Sequence[str] = ()
+    model_component: str = "transformer"
+    modality: str = "image"
+    timestep_scale: float = 1000.0
+    lora_layers_argument: str = "transformer_lora_layers"
+    supports_guidance_embedding = False
+
+    def __init__(self, model_path: str, config, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.model_path = str(model_path)
+        self.dtype = DTYPES[config.model_dtype]
+        check_model_folder(model_path, self.pipeline_classes, self.family)
+        self.pipe = self._load_pipeline()
+        self.model: nn.Module = getattr(self.pipe, self.model_component)
+        self.forward_model: nn.Module = self.model
+        self._embedding_cache: "OrderedDict[str, Dict[str, Tensor]]" = OrderedDict()
+        self.embedding_cache_size = 4096
+        self._negative: Optional[Conditioning] = None
+        self.offload_text_encoders = bool(getattr(config, "offload_text_encoders", False))
+        for name, component in self.pipe.components.items():
+            if isinstance(component, nn.Module):
+                component.requires_grad_(False)
+                if not (self.offload_text_encoders and name in self.text_encoder_names):
+                    component.to(self.device)
+                if component is not self.model:
+                    component.eval()
+        self.set_attention_backend(config.attention_backend)
+
+    @property
+    def text_encoder_names(self) -> List[str]:
+        return [name for name, component in self.pipe.components.items()
+                if name.startswith("text_encoder") and isinstance(component, nn.Module)]
+
+    def _text_encoders_to(self, device) -> None:
+        for name in self.text_encoder_names:
+            self.pipe.components[name].to(device)
+
+    # --- loading -------------------------------------------------------------------------------
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def _load_pipeline(self):
+        try:
+            with warnings.catch_warnings():
+                # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere.
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                return self._pipeline_class().from_pretrained(self.model_path, torch_dtype=self.dtype)
+        except Exception as error:  # surface which folder and family failed, keep the cause
+            raise ModelLoadError(f"could not load the {self.family} pipeline from {self.model_path!r}: "
+                                 f"{type(error).__name__}: {error}") from error
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend in ("native", "sdpa", "", None):
+            return
+        try:
+            self.model.set_attention_backend(backend)
+        except Exception as error:
+            raise RuntimeError(f"attention_backend {backend!r} is not usable here: {error}. Use "
+                               f"attention_backend=native (PyTorch SDPA), or install the package it names "
+                               f"(flash-attn for 'flash', xformers for 'xformers')") from error
+
+    # --- sampler -------------------------------------------------------------------------------
+    def schedule(self) -> StepSchedule:
+        c = self.config
+        return flow_schedule(c.num_steps, c.shift, c.sampler, c.eta, c.sde_steps(), self.timestep_scale)
+
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple:
+        """Shape of one sample's latent in model space (what the steps act on)."""
+
+    # --- text ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _encode_uncached(self, prompts: List[str]) -> Conditioning:
+        """Encode prompts: {name: (len(prompts), ...) tensor}."""
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Text conditioning of the prompts, {name: (len(prompts), ...)} on the device. Each prompt
+        is encoded once and kept (on the CPU) in an LRU cache of `embedding_cache_size` entries."""
+        prompts = list(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embedding_cache))
+        if missing:
+            if self.offload_text_encoders:  # on the device only while encoding new prompts
+                self._text_encoders_to(self.device)
+            try:
+                encoded = self._encode_uncached(missing)
+            finally:
+                if self.offload_text_encoders:
+                    self._text_encoders_to("cpu")
+            for i, prompt in enumerate(missing):
+                self._embedding_cache[prompt] = {k: v[i].detach().cpu() for k, v in encoded.items()}
+        rows = []
+        for prompt in prompts:
+            self._embedding_cache.move_to_end(prompt)
+            rows.append(self._embedding_cache[prompt])
+        while len(self._embedding_cache) > max(self.embedding_cache_size, len(prompts)):
+            self._embedding_cache.popitem(last=False)
+        return {k: torch.stack([row[k] for row in rows]).to(self.device) for k in rows[0]}
+
+    def negative_conditioning(self, batch: int) -> Conditioning:
+        if self._negative is None:
+            self._negative = self.encode([self.config.negative_prompt])
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._negative.items()}
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.config.cfg_scale != 1.0
+
+    # --- model call ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        """One forward pass: latents (B, *latent_shape), timesteps (B,) in model units."""
+
+    def predict(self, latents: Tensor, step_index: Tensor, cond: Conditioning, schedule: StepSchedule,
+                module: Optional[nn.Module] = None) -> Tensor:
+        """Model output v at the given steps, classifier-free guided when cfg_scale != 1.
+
+        latents (B, *latent_shape); step_index (B,) int64; cond rows aligned with latents.
+        Returns v of the latents' shape (the model's dtype).
+        """
+        module = module if module is not None else self.forward_model
+        timesteps = schedule.model_timesteps(step_index, self.device)
+        if not self.uses_cfg:
+            return self._call_model(module, latents, timesteps, cond)
+        batch = latents.shape[0]
+        negative = self.negative_conditioning(batch)
+        both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
+        out = self._call_model(module, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
+        uncond, text = out.chunk(2)
+        return uncond + self.config.cfg_scale * (text - uncond)
+
+    # --- decoding ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Final latents -> images (B, 3, H, W) or videos (B, T, 3, H, W), float32 in [0, 1]."""
+
+    # --- saving --------------------------------------------------------------------------------
+    def save_lora(self, folder, state_dict) -> None:
+        """Write LoRA weights so that `pipeline.load_lora_weights(folder)` loads them."""
+        self._pipeline_class().save_lora_weights(str(folder), **{self.lora_layers_argument: state_dict})
+
+
+def to_unit_range(decoded: Tensor) -> Tensor:
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,60 @@
+"""FLUX.1-dev (FluxTransformer2DModel): packed 2x2 latent tokens, guidance embedding, txt/img ids."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from .base import Conditioning, Policy, to_unit_range
+
+
+class FluxPolicy(Policy):
+    """Latents in model space are FLUX's packed tokens (B, (H/2)(W/2), 4C) of the VAE latent
+    (B, C, H, W). The transformer receives timestep int(sigma*1000)/1000 (it scales by 1000
+    itself) and the guidance embedding `guidance_scale` (3.5 for FLUX.1-dev); no CFG."""
+
+    family = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    timestep_scale = 1.0
+
+    def __init__(self, model_path, config, device="cpu"):
+        super().__init__(model_path, config, device)
+        vae_scale = self.pipe.vae_scale_factor
+        if config.height % (vae_scale * 2) or config.width % (vae_scale * 2):
+            raise ValueError(f"FLUX needs height and width divisible by {vae_scale * 2}, got "
+                             f"{config.height}x{config.width}")
+        self.latent_height = 2 * (config.height // (vae_scale * 2))
+        self.latent_width = 2 * (config.width // (vae_scale * 2))
+        self.latent_channels = self.model.config.in_channels // 4
+        self.image_ids = self.pipe._prepare_latent_image_ids(1, self.latent_height // 2, self.latent_width // 2,
+                                                             self.device, torch.float32)
+        self.has_guidance = bool(self.model.config.guidance_embeds)
+
+    def latent_shape(self) -> tuple:
+        return ((self.latent_height // 2) * (self.latent_width // 2), self.latent_channels * 4)
+
+    def _encode_uncached(self, prompts: List[str]) -> Conditioning:
+        prompt_embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
+                                                           max_sequence_length=self.config.max_sequence_length)
+        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        dtype = self.model.dtype
+        batch = latents.shape[0]
+        txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=self.device, dtype=dtype)
+        guidance = None
+        if self.has_guidance:
+            guidance = torch.full((batch,), self.config.guidance_scale, device=self.device, dtype=torch.float32)
+        return module(hidden_states=latents.to(dtype), timestep=timesteps, guidance=guidance,
+                      pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+                      encoder_hidden_states=cond["prompt_embeds"].to(dtype), txt_ids=txt_ids,
+                      img_ids=self.image_ids.to(dtype), return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        unpacked = self.pipe._unpack_latents(latents, self.config.height, self.config.width,
+                                             self.pipe.vae_scale_factor)
+        unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
+        return to_unit_range(vae.decode(unpacked.to(vae.dtype), return_dict=False)[0])

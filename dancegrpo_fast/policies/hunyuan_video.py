@@ -1,0 +1,54 @@
+"""HunyuanVideo T2V (HunyuanVideoTransformer3DModel): latents (C, F', H/8, W/8), a Llama text
+encoder with the pipeline's prompt template plus a pooled CLIP, the guidance embedding."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from .base import Conditioning, Policy, to_unit_range
+
+
+class HunyuanVideoPolicy(Policy):
+    family = "hunyuan_video"
+    pipeline_classes = ("HunyuanVideoPipeline",)
+    modality = "video"
+    timestep_scale = 1000.0
+
+    def __init__(self, model_path, config, device="cpu"):
+        super().__init__(model_path, config, device)
+        spatial = self.pipe.vae_scale_factor_spatial
+        temporal = self.pipe.vae_scale_factor_temporal
+        if config.height % spatial or config.width % spatial:
+            raise ValueError(f"HunyuanVideo needs height and width divisible by {spatial}, got {config.height}x{config.width}")
+        if (config.num_frames - 1) % temporal:
+            raise ValueError(f"HunyuanVideo needs num_frames = {temporal} k + 1, got {config.num_frames}")
+        self._shape = (self.model.config.in_channels, (config.num_frames - 1) // temporal + 1,
+                       config.height // spatial, config.width // spatial)
+
+    def latent_shape(self) -> tuple:
+        return self._shape
+
+    def _encode_uncached(self, prompts: List[str]) -> Conditioning:
+        embeds, pooled, mask = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
+                                                       max_sequence_length=self.config.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+
+    def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        dtype = self.model.dtype
+        batch = latents.shape[0]
+        guidance = None
+        if self.model.config.guidance_embeds:
+            guidance = torch.full((batch,), self.config.guidance_scale * 1000.0, device=self.device, dtype=dtype)
+        return module(hidden_states=latents.to(dtype), timestep=timesteps,
+                      encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                      encoder_attention_mask=cond["prompt_attention_mask"],
+                      pooled_projections=cond["pooled_prompt_embeds"].to(dtype), guidance=guidance,
+                      return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        video = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        return to_unit_range(video).permute(0, 2, 1, 3, 4).contiguous()  # (B, T, 3, H, W)

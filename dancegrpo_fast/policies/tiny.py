@@ -1,0 +1,61 @@
+"""The built-in tiny text-to-image flow (dancegrpo_fast.tiny): a small FluxTransformer2DModel on
+32x32 pixels with its own word-level text encoder, served like FLUX.
+
+Model space: the packed pixel patches (B, 64, 48) of x0 = 2 * image - 1 (no VAE). The
+transformer receives int(sigma * 1000) / 1000 (it scales by 1000 itself), no guidance embedding;
+classifier-free guidance works (the model was pretrained with 10% empty prompts) but is off by
+default. An empty model_path loads the weights shipped in the package (dancegrpo_fast/tiny/weights).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+
+from .base import Conditioning, ModelLoadError, Policy
+
+
+class TinyPolicy(Policy):
+    family = "tiny"
+    pipeline_classes = ("TinyFlowPipeline",)
+    timestep_scale = 1.0
+
+    def __init__(self, model_path, config, device="cpu"):
+        if not model_path:
+            from ..tiny import WEIGHTS_DIR
+
+            model_path = WEIGHTS_DIR
+        super().__init__(str(model_path), config, device)
+        size = self.pipe.image_size
+        if (config.height, config.width) != (size, size):
+            raise ValueError(f"the tiny model generates {size}x{size} images: set height={size} and width={size} "
+                             f"(got {config.height}x{config.width})")
+
+    def _load_pipeline(self):
+        from ..tiny.model import TinyFlowPipeline
+
+        try:
+            return TinyFlowPipeline.from_pretrained(self.model_path, torch_dtype=self.dtype)
+        except Exception as error:
+            raise ModelLoadError(f"could not load the tiny model from {self.model_path!r}: "
+                                 f"{type(error).__name__}: {error}") from error
+
+    def latent_shape(self) -> tuple:
+        return tuple(self.pipe.latent_shape)
+
+    def _encode_uncached(self, prompts: List[str]) -> Conditioning:
+        return self.pipe.encode_prompt(prompts)
+
+    def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        return self.pipe.velocity(module, latents, timesteps, cond)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.pipe.latents_to_images(latents)
+
+    def save_lora(self, folder, state_dict) -> None:
+        """FLUX's LoRA file format (pytorch_lora_weights.safetensors, "transformer." keys)."""
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=state_dict)

@@ -1,0 +1,158 @@
+"""Evaluate the tiny model: sample prompts with the RL sampler (DanceGRPO SDE by default) and
+score them with the rule-based tiny_geneval reward, per criterion.
+
+    python -m dancegrpo_fast.tiny.evaluate --split heldout                # the shipped weights
+    python -m dancegrpo_fast.tiny.evaluate --split heldout \\
+        --transformer outputs/run/checkpoints/iter_000040/model/transformer  # an RL checkpoint
+    python -m dancegrpo_fast.tiny.evaluate --random_init --split heldout  # the untrained model
+
+Sampling uses the trainer's own pieces: TinyPolicy.schedule() (SPEC 1a coefficients),
+noise.grouped_noise for x_T (one seed per prompt) and ops.sde_step with per-sample seeds, so a
+given (prompt list, seed) is reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+
+
+def prompt_file(split: str) -> Path:
+    """The shipped prompt list of a split: prompts/train.txt (RL training prompts) or
+    prompts/heldout.txt (evaluation prompts, compositions never trained on)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return PROMPT_DIR / f"{split}.txt"
+
+
+def load_split_prompts(split: str) -> List[str]:
+    return [line.strip() for line in prompt_file(split).read_text().splitlines() if line.strip()]
+
+
+def sampler_config(num_steps: int = 16, eta: float = 0.5, shift: float = 3.0, sampler: str = "dance",
+                   cfg_scale: float = 1.0):
+    """A TrainConfig carrying what the policy needs to sample (not validated: model_family tiny)."""
+    from ..config import TrainConfig
+
+    return TrainConfig(model_family="tiny", height=32, width=32, num_steps=num_steps, eta=eta, shift=shift,
+                       sampler=sampler, cfg_scale=cfg_scale)
+
+
+def load_policy(model_path: str = "", transformer: Optional[str] = None, random_init_seed: Optional[int] = None,
+                device="cpu", **sampler_kwargs):
+    """A TinyPolicy: the shipped weights (model_path ""), a weights folder, a randomly initialised
+    model (random_init_seed), and/or a fine-tuned transformer folder (an RL checkpoint's
+    model/transformer) replacing the transformer."""
+    from ..policies.tiny import TinyPolicy
+    from .model import TinyFlowPipeline
+
+    config = sampler_config(**sampler_kwargs)
+    if random_init_seed is not None:
+        torch.manual_seed(random_init_seed)
+        folder = tempfile.mkdtemp(prefix="tiny_random_")
+        TinyFlowPipeline.from_config().save_pretrained(folder)
+        model_path = folder
+    policy = TinyPolicy(model_path, config, device)
+    if transformer:
+        from diffusers import FluxTransformer2DModel
+
+        state = FluxTransformer2DModel.from_pretrained(str(transformer)).state_dict()
+        policy.model.load_state_dict(state)
+    policy.model.eval()
+    return policy
+
+
+@torch.no_grad()
+def sample(policy, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """One image per prompt with the policy's sampler: (B, 3, H, W) float32 in [0, 1]. Prompt k
+    uses initial-noise seed (seed, k) and step-noise seed (seed, k)."""
+    from .. import ops
+    from ..noise import grouped_noise
+    from ..rollout import mix_seed
+
+    schedule = policy.schedule()
+    shape = tuple(policy.latent_shape())
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        ids = range(start, start + len(chunk))
+        noise_seeds = torch.tensor([mix_seed(seed, k, 1) for k in ids], dtype=torch.int64)
+        step_seeds = torch.tensor([mix_seed(seed, k, 2) for k in ids], dtype=torch.int64)
+        x = grouped_noise(noise_seeds, 1, shape, torch.float32, policy.device)
+        cond = policy.encode(chunk)
+        for i in range(schedule.num_steps):
+            step = torch.full((len(chunk),), i, dtype=torch.int64)
+            v = policy.predict(x, step, cond, schedule)
+            x = ops.sde_step(v, x, schedule.coefficients(step, policy.device), seeds=step_seeds, step_index=i).prev_sample
+        images.append(policy.decode(x))
+    return torch.cat(images)
+
+
+def evaluate(policy, prompts: Sequence[str], samples_per_prompt: int = 1, seed: int = 0,
+             batch_size: int = 64, reward=None) -> Dict[str, float]:
+    """Mean tiny_geneval score and per-criterion means over `samples_per_prompt` samples of
+    every prompt; also the fraction of fully correct samples (score > 0.99)."""
+    from .reward import TinyGenEvalReward, summarize
+
+    reward = reward or TinyGenEvalReward()
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    images = sample(policy, repeated, seed, batch_size)
+    criteria = reward.criteria(images, repeated)
+    result = summarize(criteria)
+    result["fully_correct"] = float((criteria["score"] > 0.99).float().mean())
+    result["samples"] = len(repeated)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dancegrpo_fast.tiny.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="", help="tiny weights folder (default: the shipped weights)")
+    parser.add_argument("--transformer", default=None, help="fine-tuned transformer folder (RL checkpoint model/transformer)")
+    parser.add_argument("--random_init", action="store_true", help="evaluate a randomly initialised model instead")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                        help="prompt list: the shipped held-out or RL-train prompts")
+    parser.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts of the list (0 = all)")
+    parser.add_argument("--samples_per_prompt", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_steps", type=int, default=16)
+    parser.add_argument("--eta", type=float, default=0.5)
+    parser.add_argument("--shift", type=float, default=3.0)
+    parser.add_argument("--sampler", default="dance", choices=("dance", "flow_grpo"))
+    parser.add_argument("--cfg_scale", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--grid", default=None, help="write a PNG grid of the first 16 samples here")
+    parser.add_argument("--json", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = load_policy(args.model, args.transformer, 0 if args.random_init else None, num_steps=args.num_steps,
+                         eta=args.eta, shift=args.shift, sampler=args.sampler, cfg_scale=args.cfg_scale)
+    prompts = load_split_prompts(args.split)
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    result = evaluate(policy, prompts, args.samples_per_prompt, args.seed)
+    result.update(split=args.split, prompts=len(prompts), num_steps=args.num_steps, eta=args.eta, shift=args.shift,
+                  sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, random_init=args.random_init,
+                  model=args.model or "shipped", transformer=args.transformer)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.grid:
+        from ..logging_utils import save_sample_grid
+
+        images = sample(policy, prompts[:16], args.seed)
+        save_sample_grid(images, args.grid, max_samples=16, columns=4)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Each policy on a tiny random checkpoint of its real diffusers classes, loaded from a folder:
+rollout shapes; rollout log-prob == training-time log-prob (ratio 1 within 1e-6); one update
+changes only the trainable parameters and lowers the surrogate loss on a fixed batch."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers.tiny_models import run_single_threaded, BUILDERS, write_prompts  # noqa: E402
+
+from dancegrpo_fast import ops  # noqa: E402
+from dancegrpo_fast.config import TrainConfig  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
+
+FAMILY_SETTINGS = {
+    "flux": dict(sampler="dance", eta=0.3, shift=3.0),
+    "sd3": dict(sampler="flow_grpo", eta=0.7, shift=3.0),
+    "sd": dict(sampler="ddim", eta=1.0, cfg_scale=5.0),
+    "hunyuan_video": dict(sampler="dance", eta=0.25, shift=5.0, num_frames=5, guidance_scale=6.0),
+    "wan": dict(sampler="dance", eta=0.3, shift=5.0, num_frames=5, cfg_scale=5.0),
+}
+
+
+def brightness(images, prompts):
+    """Rule-based test reward: mean pixel value."""
+    return images.float().mean(dim=tuple(range(1, images.dim())))
+
+
+def make_config(family, folder, tmp_path, **overrides) -> TrainConfig:
+    values = dict(model_family=family, model_path=str(folder), prompt_file=str(write_prompts(tmp_path / "p.txt")),
+                  output_dir=str(tmp_path / "out"), height=16, width=16, num_steps=4, group_size=2,
+                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
+                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-4, clip_range=10.0, num_iterations=1,
+                  progress_bar=False, tensorboard=False, mixed_precision="no", seed=3)
+    values.update(FAMILY_SETTINGS[family])
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    yield from run_single_threaded()
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def family_folder(request, tmp_path_factory):
+    family = request.param
+    return family, BUILDERS[family](tmp_path_factory.mktemp(family) / "model")
+
+
+def _log_probs_at(trainer, trajectory, steps, batch_size=2):
+    """(B, T) training-time log-probs of the given per-sample steps, `batch_size` samples per call."""
+    cond = trainer.policy.encode(trajectory.prompts)
+    out = torch.empty(steps.shape)
+    with torch.no_grad():
+        for rows in torch.arange(trajectory.batch_size).split(batch_size):
+            for j in range(steps.shape[1]):
+                step = steps[rows, j]
+                v, x, x_next, _ = trainer._forward(trajectory, cond, rows, step)
+                out[rows, j] = ops.step_log_prob(v, x, x_next, trainer.schedule.coefficients(step, trainer.device))
+    return out
+
+
+def _parameters(policy):
+    return {f"{name}.{key}": value.detach().clone()
+            for name, module in policy.pipe.components.items() if isinstance(module, torch.nn.Module)
+            for key, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
+    family, folder = family_folder
+    targets = ["to_q", "to_k", "to_v"]
+    config = make_config(family, folder, tmp_path, use_lora=use_lora, lora_rank=4, lora_alpha=4.0,
+                         lora_target_modules=targets)
+    trainer = Trainer(config, rewards={"brightness": (brightness, 1.0)})
+    policy = trainer.policy
+
+    trajectory = trainer.collect()
+    shape = tuple(policy.latent_shape())
+    assert trajectory.latents.shape == (4, config.num_steps + 1) + shape
+    assert trajectory.log_probs.shape == (4, config.num_steps)
+    assert torch.isfinite(trajectory.log_probs).all()
+    # The model's timestep: DanceGRPO's int(sigma * 1000) / 1000 in the model's units, or the
+    # DDIM timestep for SD 1.x (steps_offset 1, stride 1000 // S).
+    sigmas = {"flux": [1.0, 0.9, 0.75, 0.5], "sd3": [1.0, 0.9, 0.75, 0.5], "hunyuan_video": [1.0, 0.937, 0.833, 0.625],
+              "wan": [1.0, 0.937, 0.833, 0.625]}
+    if family == "sd":
+        assert trajectory.timesteps.tolist() == [751.0, 501.0, 251.0, 1.0]
+    else:
+        scale = 1.0 if family == "flux" else 1000.0
+        assert torch.allclose(trajectory.timesteps, torch.tensor(sigmas[family], dtype=torch.float64) * scale)
+    # Shared initial noise within each group of G = 2, different across prompts.
+    assert torch.equal(trajectory.latents[0, 0], trajectory.latents[1, 0])
+    assert not torch.equal(trajectory.latents[0, 0], trajectory.latents[2, 0])
+    samples = policy.decode(trajectory.final_latents)
+    if policy.modality == "image":
+        assert samples.shape == (4, 3, 16, 16)
+    else:
+        assert samples.shape == (4, 5, 3, 16, 16)  # videos (B, T, 3, H, W)
+    assert samples.min() >= 0 and samples.max() <= 1
+
+    # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
+    all_steps = torch.arange(config.num_steps).repeat(4, 1)
+    recomputed = _log_probs_at(trainer, trajectory, all_steps)
+    assert ((recomputed - trajectory.log_probs).exp() - 1).abs().max() < 1e-6
+
+    # One update on a fixed batch: only trainable parameters change; the surrogate loss drops.
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    steps = trainer.trained_steps(trajectory)
+    before_lp = _log_probs_at(trainer, trajectory, steps)
+    before = _parameters(policy)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    stats = trainer.update(trajectory, advantages)
+    assert stats.first_step_ratio_max_dev == 0.0
+    after = _parameters(policy)
+    after_lp = _log_probs_at(trainer, trajectory, steps)
+    prefix = f"{policy.model_component}."
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed, "the update changed nothing"
+    assert all(k.startswith(prefix) and k[len(prefix):] in trainable for k in changed), \
+        sorted(changed - {prefix + t for t in trainable})[:5]
+    if use_lora:
+        assert all("lora" in k for k in changed)
+    ratio = torch.exp(after_lp - before_lp)
+    loss_before = -(advantages[:, None] * torch.ones_like(ratio)).mean()
+    loss_after = -(advantages[:, None] * ratio).mean()
+    assert loss_after < loss_before
+
+    # The checkpoint loads back into diffusers for inference.
+    checkpoint = trainer.save()
+    if use_lora:
+        pipe = type(policy.pipe).from_pretrained(str(folder))
+        pipe.load_lora_weights(str(checkpoint / "model"))
+        loaded = getattr(pipe, policy.model_component)
+        lora_values = sorted(torch.cat([v.flatten() for k, v in loaded.state_dict().items() if "lora" in k]).tolist())
+        trained = sorted(torch.cat([v.flatten() for k, v in policy.model.state_dict().items() if "lora" in k]).tolist())
+        assert lora_values == trained
+    else:
+        loaded = type(policy.model).from_pretrained(str(checkpoint / "model" / policy.model_component))
+        trained = policy.model.state_dict()
+        assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
