@@ -6,8 +6,9 @@ call), decoding, and rewards. With `reward_overlap` each finished rollout batch 
 background thread while the next batch samples; without it, everything is scored after the
 rollout. Two deliberately slow rewards:
 
-- "remote": the tiny task's rule-based reward plus a `--latency-s` wait per call, like a reward
-  served from another machine (RemoteReward) or another GPU: no local CPU while waiting.
+- "remote": the tiny task's rule-based reward plus a wait of `--seconds-per-sample` per image,
+  like a reward model served from another machine (RemoteReward) or another GPU, whose time
+  grows with the images it scores: no local CPU while waiting.
 - "cpu": the same reward computed `--cpu-repeats` times, competing with the rollout for the same
   two cores; overlap can hide only what free cores allow.
 
@@ -35,12 +36,12 @@ import dancegrpo_fast.tiny.reward  # noqa: E402,F401  (registers tiny_geneval)
 from dancegrpo_fast.train import Trainer  # noqa: E402
 
 
-def slow_rewards(kind: str, latency_s: float, cpu_repeats: int):
+def slow_rewards(kind: str, seconds_per_sample: float, cpu_repeats: int):
     base = build_reward("tiny_geneval")
 
     def remote_like(images, prompts):
         scores = base(images, prompts)
-        time.sleep(latency_s)
+        time.sleep(seconds_per_sample * len(prompts))
         return scores
 
     def cpu_heavy(images, prompts):
@@ -55,7 +56,7 @@ def measure(kind: str, overlap: bool, args, output_dir: str) -> dict:
     config = parse_config(["--preset", "tiny", "--output_dir", output_dir, "--reward_overlap", str(overlap),
                            "--rollout_batch_size", str(args.rollout_batch), "--progress_bar", "False",
                            "--tensorboard", "False"])
-    trainer = Trainer(config, rewards=slow_rewards(kind, args.latency_s, args.cpu_repeats))
+    trainer = Trainer(config, rewards=slow_rewards(kind, args.seconds_per_sample, args.cpu_repeats))
     totals, rollouts, waits = [], [], []
     for repeat in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -70,7 +71,7 @@ def measure(kind: str, overlap: bool, args, output_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latency-s", type=float, default=0.3)
+    parser.add_argument("--seconds-per-sample", type=float, default=0.02)
     parser.add_argument("--cpu-repeats", type=int, default=20)
     parser.add_argument("--rollout-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
