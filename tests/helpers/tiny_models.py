@@ -20,15 +20,11 @@ WORDS = ("a photo of cat dog red blue green sky tree house car bird small big on
 
 
 def _bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """CLIP's 256 byte-level characters, in CLIP's order (the map lives with the reward tests'
+    tokenizer writer)."""
+    from dancegrpo_fast.rewards.testing import _bytes_to_unicode as byte_map
+
+    return list(byte_map().values())
 
 
 def clip_tokenizer(folder: Path, model_max_length: int = 16):
