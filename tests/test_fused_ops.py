@@ -124,7 +124,8 @@ def test_on_policy_ratio_is_exactly_one(backend):
     out = fused_step_loss(v.clone().requires_grad_(), x, xn, c, first.log_prob, adv, backend=backend)
     assert torch.equal(out.ratio, torch.ones(6))
     assert not out.clipped.any()
-    assert math.isclose(float(out.loss.detach()), float(-adv.clamp(-5, 5).mean()), rel_tol=1e-6, abs_tol=1e-7)
+    # float32 sums of 6 values up to 5 in different orders: a few 1e-7 apart
+    assert math.isclose(float(out.loss.detach()), float(-adv.clamp(-5, 5).mean()), rel_tol=1e-6, abs_tol=3e-6)
     # step_log_prob is bit-identical to the fused op's log-prob: usable as "old" for later steps
     lp = step_log_prob(v, x, xn, c, backend=backend)
     assert torch.equal(lp, first.log_prob)
@@ -309,7 +310,7 @@ def test_torch_path_blocking(monkeypatch, block):
     out = fused_step_loss(v1, x, xn, c, old, adv, clip_range=0.02, ref_model_output=vref, kl_beta=0.2, backend="torch")
     out.loss.backward()
     step = sde_step(v, x, c, noise=noise, backend="torch")
-    assert torch.allclose(out.loss.detach(), expect.loss.detach(), rtol=1e-6)
+    assert torch.allclose(out.loss.detach(), expect.loss.detach(), rtol=1e-5, atol=1e-6)
     assert rel_err(v1.grad, v_ref_grad.grad) < 1e-5  # norm-wise: the KL term can cancel elementwise
     assert torch.equal(step.prev_sample, expect_step.prev_sample)
     assert torch.allclose(step.log_prob, expect_step.log_prob, rtol=1e-6)
