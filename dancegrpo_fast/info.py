@@ -40,7 +40,7 @@ def main() -> None:
         print(json.dumps(info, indent=2))
         return
     ext = info["extension"]
-    print(f"dancegrpo_fast backends")
+    print("dancegrpo_fast backends")
     print(f"  torch           {info['torch']} (CUDA build: {info['torch_cuda_build'] or 'no'}, "
           f"CUDA available: {info['cuda_available']})")
     print(f"  device          {info['device']}")

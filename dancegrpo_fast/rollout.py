@@ -7,7 +7,7 @@ same trajectories at any rollout batch size and on any number of ranks.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -19,7 +19,7 @@ Expected local layouts (as published on the Hugging Face Hub, downloaded with e.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -258,25 +258,33 @@ class AestheticHead(nn.Module):
 _MLP_KEYS = {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
 
 
-def load_aesthetic_head(head_path: str) -> AestheticHead:
-    """Load an aesthetic head (.pth/.pt state dict, or .safetensors) in LAION's layout."""
-    head_path = os.fspath(head_path)
-    if not os.path.isfile(head_path):
-        raise FileNotFoundError(f"aesthetic head checkpoint not found: {head_path}")
+def read_state_dict(checkpoint_path: str, what: str) -> Dict[str, torch.Tensor]:
+    """A checkpoint file as a state dict: .safetensors, or a torch file holding a state dict or
+    {"state_dict": ...}; a DistributedDataParallel `module.` prefix is removed. Errors name `what`
+    and the file."""
+    checkpoint_path = os.fspath(checkpoint_path)
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"{what} checkpoint not found: {checkpoint_path}")
     try:
-        if head_path.endswith(".safetensors"):
+        if checkpoint_path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(head_path)
+            state = load_file(checkpoint_path)
         else:
-            state = torch.load(head_path, map_location="cpu", weights_only=True)
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"cannot read the aesthetic head checkpoint {head_path}: {error}") from error
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        raise ValueError(f"cannot read the {what} checkpoint {checkpoint_path}: {error}") from error
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"aesthetic head checkpoint {head_path} is not a state dict (got {type(state).__name__})")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} checkpoint {checkpoint_path} is not a state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_aesthetic_head(head_path: str) -> AestheticHead:
+    """Load an aesthetic head (.pth/.pt state dict, or .safetensors) in LAION's layout."""
+    state = read_state_dict(head_path, "aesthetic head")
+    head_path = os.fspath(head_path)
     keys = set(state)
     if keys == _MLP_KEYS:
         sizes = tuple(state[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6))

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .base import register_reward
-from .clip_models import ImageTextSimilarityReward, load_clip_tokenizer, resolve_dtype
+from .clip_models import ImageTextSimilarityReward, load_clip_tokenizer, read_state_dict, resolve_dtype
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
 
 __all__ = ["OpenCLIPConfig", "OpenCLIPModel", "HPSv2Reward", "load_open_clip_state_dict"]
@@ -223,23 +223,8 @@ _IGNORED_KEYS = ("attn_mask", "visual.attn_mask")
 def load_open_clip_state_dict(checkpoint_path: str, what: str = "HPS") -> Dict[str, torch.Tensor]:
     """Read an open_clip checkpoint: a state dict, or {"state_dict": ...} (HPS's layout), with any
     DistributedDataParallel `module.` prefix removed."""
-    checkpoint_path = os.fspath(checkpoint_path)
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"{what} checkpoint not found: {checkpoint_path}")
-    try:
-        if checkpoint_path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(checkpoint_path)
-        else:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read the {what} checkpoint {checkpoint_path}: {error}") from error
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{what} checkpoint {checkpoint_path} is not a state dict of tensors")
-    return {key.removeprefix("module."): value for key, value in checkpoint.items() if key not in _IGNORED_KEYS}
+    state = read_state_dict(checkpoint_path, what)
+    return {key: value for key, value in state.items() if key not in _IGNORED_KEYS}
 
 
 def build_open_clip_model(state: Mapping[str, torch.Tensor], config: OpenCLIPConfig, dtype: torch.dtype,
