@@ -13,20 +13,15 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers.tiny_models import run_single_threaded, make_flux, write_prompts  # noqa: E402
+from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
+from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "helpers" / "dist_runner.py"
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from run_single_threaded()
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    return make_flux(tmp_path_factory.mktemp("flux") / "model")
 
 
 def _run(tmp_path, name, processes, **values):

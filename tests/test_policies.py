@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers.tiny_models import run_single_threaded, BUILDERS, write_prompts  # noqa: E402
+from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
+from helpers.tiny_models import BUILDERS, write_prompts  # noqa: E402
 
 from dancegrpo_fast import ops  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
@@ -42,9 +43,6 @@ def make_config(family, folder, tmp_path, **overrides) -> TrainConfig:
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from run_single_threaded()
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family_folder(request, tmp_path_factory):

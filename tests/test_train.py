@@ -17,7 +17,8 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers.tiny_models import run_single_threaded, make_flux, write_prompts  # noqa: E402
+from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
+from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
 
 from dancegrpo_fast.checkpoint import CheckpointError, find_latest  # noqa: E402
 from dancegrpo_fast.config import TrainConfig, available_presets, build_parser, parse_config  # noqa: E402
@@ -36,13 +37,7 @@ REWARDS = {"brightness": (brightness, 1.0)}
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from run_single_threaded()
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    return make_flux(tmp_path_factory.mktemp("flux") / "model")
 
 
 def flux_config(folder, tmp_path, **overrides) -> TrainConfig:
