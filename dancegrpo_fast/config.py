@@ -100,6 +100,13 @@ class TrainConfig:
     sample_every: int = field(default=0, metadata={"help": "save a sample grid every K iterations; 0 = never"})
     tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar (rank 0)"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads, set when the trainer starts (tiny runs are fastest on 1); 0 = leave torch's default"})
+    # --- held-out evaluation -----------------------------------------------------------------
+    eval_prompt_file: str = field(default="", metadata={"help": "held-out prompts for evaluation, one per line; empty = for model_family tiny its shipped held-out list, for other families no evaluation"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every K iterations, before the first and after the last; 0 = never"})
+    eval_num_prompts: int = field(default=0, metadata={"help": "evaluate on the first N held-out prompts; 0 = all"})
+    eval_samples_per_prompt: int = field(default=1, metadata={"help": "samples per held-out prompt at each evaluation"})
+    eval_seed: int = field(default=0, metadata={"help": "seed of the evaluation noise: the same prompts and noise at every evaluation, so the curve compares models, not noise"})
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -163,6 +170,12 @@ class TrainConfig:
         need(self.kl_beta >= 0, f"kl_beta must be >= 0, got {self.kl_beta!r}")
         need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
+        for name in ("eval_every", "eval_num_prompts", "threads"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(isinstance(self.eval_samples_per_prompt, int) and self.eval_samples_per_prompt >= 1,
+             f"eval_samples_per_prompt must be an integer >= 1, got {self.eval_samples_per_prompt!r}")
+        need(isinstance(self.eval_seed, int), f"eval_seed must be an integer, got {self.eval_seed!r}")
         for spec in self.rewards:
             need(isinstance(spec, RewardSpec) and spec.name, f"each reward needs a name, got {spec!r}")
             need(math.isfinite(spec.weight), f"reward {spec.name!r} has a non-finite weight {spec.weight!r}")

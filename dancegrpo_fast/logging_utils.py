@@ -58,13 +58,27 @@ class MetricsLogger:
             self.writer.close()
 
 
-def save_sample_grid(samples: torch.Tensor, path, max_samples: int = 16, columns: Optional[int] = None) -> Path:
-    """Write a PNG grid of images (B, 3, H, W) or video first frames (B, T, 3, H, W) in [0, 1]."""
+def upscale_nearest(images: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Images (B, C, H, W) enlarged by the smallest integer factor that makes each side at least
+    `min_size` pixels, nearest-neighbour (every pixel becomes a factor x factor block)."""
+    if min_size <= 0 or images.shape[0] == 0:
+        return images
+    factor = max(1, math.ceil(min_size / min(images.shape[-2:])))
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def save_sample_grid(samples: torch.Tensor, path, max_samples: int = 16, columns: Optional[int] = None,
+                     min_size: int = 0) -> Path:
+    """Write a PNG grid of images (B, 3, H, W) or video first frames (B, T, 3, H, W) in [0, 1].
+    min_size: enlarge small images (nearest-neighbour, integer factor) to at least this many
+    pixels per side; 0 keeps them as they are."""
     from PIL import Image
 
     if samples.dim() == 5:
         samples = samples[:, 0]
-    samples = samples[:max_samples].detach().float().clamp(0, 1).cpu()
+    samples = upscale_nearest(samples[:max_samples].detach().float().clamp(0, 1).cpu(), min_size)
     count, _, height, width = samples.shape
     columns = columns or min(count, 4)
     rows = math.ceil(count / columns)

@@ -1,7 +1,14 @@
-"""Pretrain the built-in tiny text-to-image flow (dancegrpo_fast.tiny) by flow matching on
-procedurally rendered train-split scenes, on the CPU in minutes.
+"""Pretrain the built-in tiny text-to-image flow (dancegrpo_fast.tiny) on procedurally rendered
+train-split scenes, on the CPU in minutes, in two stages like a latent diffusion model:
 
+    python -m dancegrpo_fast.pretrain_tiny --stage vae --out dancegrpo_fast/tiny/weights --seed 0 --steps 1500
     python -m dancegrpo_fast.pretrain_tiny --out dancegrpo_fast/tiny/weights --seed 0 --steps 1500
+
+Stage "vae": a small AutoencoderKL (32x32x3 -> 8x8x4) trained on rendered scenes (L1 + L2
+reconstruction and a small KL term), then its scaling and shift factors set from the latent
+statistics (as FLUX's VAE config carries them); written to OUT/vae with vae_record.json.
+Stage "flow" (the default): the transformer and text encoder on the VAE's latents (OUT/vae, or
+--vae FOLDER); --pixel_space trains the older pixel-space model instead (no VAE).
 
 Data: an endless stream of random train-split scenes (dancegrpo_fast.tiny.task.random_scene,
 30% one-group, 70% two-group prompts; the held-out color-shape pairs never occur), rendered at
@@ -32,11 +39,16 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dancegrpo_fast.pretrain_tiny", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--stage", default="flow", choices=("vae", "flow"),
+                        help="vae: train the autoencoder into OUT/vae; flow: train the transformer on its latents")
     parser.add_argument("--out", default="outputs/tiny_pretrain", help="weights folder to write")
+    parser.add_argument("--vae", default=None, help="flow stage: the trained VAE folder (default OUT/vae)")
+    parser.add_argument("--pixel_space", action="store_true", help="flow stage: no VAE, the flow works on pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data stream and noise")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     parser.add_argument("--batch_size", type=int, default=64, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (after warm-up)")
+    parser.add_argument("--kl_weight", type=float, default=1e-4, help="vae stage: weight of the KL term (per pixel value)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     parser.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights (0 = no EMA)")
@@ -66,7 +78,8 @@ def save(pipe, ema: Optional[Dict[str, torch.Tensor]], folder: Path, record: Dic
 
     to_save = pipe
     if ema is not None:
-        to_save = TinyFlowPipeline(copy.deepcopy(pipe.transformer), copy.deepcopy(pipe.text_encoder), pipe.image_size)
+        to_save = TinyFlowPipeline(copy.deepcopy(pipe.transformer), copy.deepcopy(pipe.text_encoder), pipe.image_size,
+                                   pipe.vae)
         params = dict(_named_parameters(to_save))
         with torch.no_grad():
             for name, value in ema.items():
@@ -78,8 +91,66 @@ def save(pipe, ema: Optional[Dict[str, torch.Tensor]], folder: Path, record: Dic
 
 def _named_parameters(pipe):
     for component, module in pipe.components.items():
+        if component == "vae":
+            continue  # frozen in the flow stage
         for name, param in module.named_parameters():
             yield f"{component}.{name}", param
+
+
+def _command(argv: Sequence[str]) -> str:
+    return "python -m dancegrpo_fast.pretrain_tiny " + " ".join(shlex.quote(a) for a in argv)
+
+
+def pretrain_vae(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
+    """Train the tiny AutoencoderKL; set scaling_factor = 1 / std and shift_factor = mean of the
+    latents of 1024 fresh scenes (so the flow sees unit-scale latents); write OUT/vae."""
+    from diffusers import AutoencoderKL
+
+    from .tiny import task
+    from .tiny.model import DEFAULT_VAE
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**DEFAULT_VAE)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    record = {"command": _command(argv), "stage": "vae", "seed": args.seed, "steps": args.steps,
+              "batch_size": args.batch_size, "lr": args.lr, "kl_weight": args.kl_weight,
+              "data": "random train-split scenes (random_scene(rng, 'train', single_fraction)), rendered at 32x32",
+              "objective": "L1 + L2 reconstruction of 2 * image - 1 from a posterior sample, + kl_weight * KL / pixel values",
+              "parameters": sum(p.numel() for p in vae.parameters()), "threads": args.threads,
+              "torch": torch.__version__, "loss_curve": []}
+    start, running = time.perf_counter(), None
+    for step in range(1, args.steps + 1):
+        scenes = [task.random_scene(rng, "train", args.single_fraction) for _ in range(args.batch_size)]
+        x = task.render_batch(scenes, rng=rng) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = (reconstruction - x).abs().mean() + (reconstruction - x).square().mean() + args.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"the VAE loss became {value} at step {step}; lower --lr")
+        running = value if running is None else 0.98 * running + 0.02 * value
+        if step % args.log_every == 0 or step == args.steps:
+            elapsed = time.perf_counter() - start
+            record["loss_curve"].append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
+            print(f"vae step {step}/{args.steps} loss {running:.4f} ({elapsed:.0f} s)", flush=True)
+    vae.eval()
+    with torch.no_grad():
+        scenes = [task.random_scene(rng, "train", args.single_fraction) for _ in range(1024)]
+        latents = vae.encode(task.render_batch(scenes, rng=rng) * 2 - 1).latent_dist.mode()
+    shift, scale = float(latents.mean()), float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    record.update(seconds=round(time.perf_counter() - start, 1), final_loss=round(running, 5),
+                  scaling_factor=scale, shift_factor=shift)
+    folder = Path(args.out) / "vae"
+    vae.save_pretrained(str(folder))
+    (Path(args.out) / "vae_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
@@ -89,17 +160,28 @@ def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    pipe = TinyFlowPipeline.from_config()
+    if args.pixel_space:
+        pipe = TinyFlowPipeline.from_config(pixel_space=True)
+    else:
+        from diffusers import AutoencoderKL
+
+        vae_folder = Path(args.vae) if args.vae else out / "vae"
+        if not (vae_folder / "config.json").is_file():
+            raise FileNotFoundError(f"no trained VAE in {str(vae_folder)!r}: run --stage vae first or pass --vae FOLDER")
+        vae = AutoencoderKL.from_pretrained(str(vae_folder)).eval().requires_grad_(False)
+        pipe = TinyFlowPipeline.from_config()
+        pipe = TinyFlowPipeline(pipe.transformer, pipe.text_encoder, pipe.image_size, vae)
     params = dict(_named_parameters(pipe))
-    for module in pipe.components.values():
-        module.train()
+    pipe.transformer.train()
+    pipe.text_encoder.train()
     optimizer = torch.optim.AdamW(list(params.values()), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup, 1)))
     ema = {name: p.detach().clone() for name, p in params.items()} if args.ema > 0 else None
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     record = {
-        "command": "python -m dancegrpo_fast.pretrain_tiny " + " ".join(shlex.quote(a) for a in argv),
+        "command": _command(argv), "stage": "flow",
+        "vae": None if args.pixel_space else "vae/ (see vae_record.json)",
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay, "ema": args.ema, "text_dropout": args.text_dropout,
         "data": {"description": "random train-split scenes of dancegrpo_fast.tiny.task (random_scene(rng, 'train', "
@@ -119,7 +201,8 @@ def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
         scenes = [task.random_scene(rng, "train", args.single_fraction) for _ in range(args.batch_size)]
         prompts = [s.prompt() if rng.random() >= args.text_dropout else "" for s in scenes]
         images = task.render_batch(scenes, rng=rng)
-        x0 = pipe.images_to_latents(images)
+        with torch.no_grad():
+            x0 = pipe.images_to_latents(images)
         noise = torch.randn(x0.shape, generator=generator)
         t = sample_times(args.batch_size, generator)
         x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
@@ -161,6 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.steps < 1 or args.batch_size < 1:
         print("error: --steps and --batch_size must be >= 1", file=sys.stderr)
         return 2
+    if args.stage == "vae":
+        record = pretrain_vae(args, argv)
+        print(f"wrote {args.out}/vae: {record['steps']} steps in {record['seconds']:.0f} s, final loss "
+              f"{record['final_loss']:.4f}")
+        return 0
     record = pretrain(args, argv)
     print(f"wrote {args.out}: {record['steps']} steps in {record['seconds']:.0f} s, final loss {record['final_loss']:.4f}")
     return 0

@@ -34,6 +34,7 @@ from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_c
 from .config import TrainConfig, config_to_yaml, parse_config
 from .distributed import (DistributedState, all_gather, all_reduce_sum, cleanup, gradient_sync, init_distributed,
                           wrap_model)
+from .evaluation import evaluate_policy
 from .logging_utils import MetricsLogger, save_sample_grid, warn
 from .policies import ModelLoadError, Policy, build_policy
 from .rollout import autocast_context, decode_trajectory, mix_seed, prompt_seeds, rollout, sample_seeds
@@ -49,16 +50,17 @@ class RewardError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_prompts(path) -> List[str]:
-    """One prompt per line, blank lines ignored. Errors on a missing or empty file."""
+def load_prompts(path, what: str = "prompt_file") -> List[str]:
+    """One prompt per line, blank lines ignored. Errors on a missing or empty file (naming the
+    config field `what`)."""
     if not path:
-        raise ValueError("prompt_file is empty: give a text file with one prompt per line")
+        raise ValueError(f"{what} is empty: give a text file with one prompt per line")
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"prompt_file {str(file)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(file)!r} does not exist")
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt_file {str(file)!r} holds no prompts (it is empty or only blank lines)")
+        raise ValueError(f"{what} {str(file)!r} holds no prompts (it is empty or only blank lines)")
     return prompts
 
 
@@ -69,6 +71,15 @@ def default_prompt_file(config: TrainConfig) -> str:
 
         return str(prompt_file("train"))
     return config.prompt_file
+
+
+def default_eval_prompt_file(config: TrainConfig) -> str:
+    """config.eval_prompt_file, or for the tiny task its shipped held-out prompts; "" = no eval."""
+    if not config.eval_prompt_file and config.model_family == "tiny":
+        from .tiny.evaluate import prompt_file
+
+        return str(prompt_file("heldout"))
+    return config.eval_prompt_file
 
 
 class PromptStream:
@@ -134,8 +145,13 @@ def _reward_factory(name: str):
     return base._REGISTRY.get(name)
 
 
-def score_rewards(rewards: Sequence[RewardEntry], samples: Tensor, prompts: List[str]) -> Dict[str, Tensor]:
-    """{name: (B,) float32 CPU}; a reward that raises becomes a RewardError naming it."""
+def score_rewards(rewards: Sequence[RewardEntry], samples: Tensor, prompts: List[str],
+                  criteria: bool = False) -> Dict[str, Tensor]:
+    """{name: (B,) float32 CPU}; a reward that raises becomes a RewardError naming it.
+
+    criteria: also, for every reward whose function has a `criteria(images, prompts)` method
+    (e.g. tiny_geneval), its per-criterion scores as extra keys "<name>/<criterion>" (logging
+    only: the "<name>" entry is always the reward's own call, what the advantages use)."""
     scores = {}
     for entry in rewards:
         try:
@@ -147,6 +163,15 @@ def score_rewards(rewards: Sequence[RewardEntry], samples: Tensor, prompts: List
         if value.shape[0] != samples.shape[0]:
             raise RewardError(f"reward {entry.name!r} returned {value.shape[0]} scores for {samples.shape[0]} samples")
         scores[entry.name] = value
+        method = getattr(entry.function, "criteria", None) if criteria else None
+        if callable(method):
+            try:
+                parts = method(samples, prompts)
+            except Exception as error:
+                raise RewardError(f"reward {entry.name!r} failed computing its criteria on a batch of "
+                                  f"{samples.shape[0]} samples: {type(error).__name__}: {error}") from error
+            for criterion, part in parts.items():
+                scores[f"{entry.name}/{criterion}"] = torch.as_tensor(part).detach().to(torch.float32).cpu().reshape(-1)
     return scores
 
 
@@ -211,12 +236,17 @@ class Trainer:
     def __init__(self, config: TrainConfig, rewards=None, policy: Optional[Policy] = None,
                  state: Optional[DistributedState] = None):
         self.config = config.validate()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         self.state = state or init_distributed()
         self.device = self.state.device
         # Rank-independent: every rank must create the same LoRA initialisation (FSDP2 shards each
         # rank's own copy, it does not broadcast).
         torch.manual_seed(mix_seed(config.seed, 11))
         self.prompts = PromptStream(load_prompts(default_prompt_file(config)), config.seed)
+        self.eval_prompts = self._load_eval_prompts()
+        self._last_eval_iteration: Optional[int] = None
+        self._last_eval = None  # rank 0: (images, details) of the latest evaluation
         self.policy = policy if policy is not None else build_policy(config, self.device)
         self.schedule = self.policy.schedule()
         self.rewards = self._as_reward_entries(rewards) if rewards is not None else build_rewards(config, self.device)
@@ -242,6 +272,20 @@ class Trainer:
             (Path(config.output_dir) / "config.yaml").write_text(config_to_yaml(config))
 
     # --- setup ---------------------------------------------------------------------------------
+    def _load_eval_prompts(self) -> List[str]:
+        """The held-out prompts (the first eval_num_prompts), or [] when evaluation is off."""
+        c = self.config
+        if c.eval_every <= 0:
+            return []
+        path = default_eval_prompt_file(c)
+        if not path:
+            if self.state.is_main:
+                warn(f"eval_every={c.eval_every} but no eval_prompt_file (only model_family tiny has a default "
+                     f"held-out list): no held-out evaluation")
+            return []
+        prompts = load_prompts(path, "eval_prompt_file")
+        return prompts[:c.eval_num_prompts] if c.eval_num_prompts else prompts
+
     @staticmethod
     def _as_reward_entries(rewards) -> List[RewardEntry]:
         if isinstance(rewards, dict):
@@ -321,7 +365,8 @@ class Trainer:
         scored in a background thread while the next batch samples (the policy is the same for
         the whole iteration, so this stays exactly on-policy); only the last batch's rewards are
         waited for. Returns trajectory, samples, scores, rollout seconds, reward seconds (the
-        time spent waiting for rewards after the rollout)."""
+        time spent waiting for rewards after the rollout). scores: {reward name: (B,)} plus, for
+        rewards with per-criterion scores, {"<name>/<criterion>": (B,)} (logging only)."""
         c = self.config
         start = time.perf_counter()
         if not c.reward_overlap:
@@ -329,7 +374,7 @@ class Trainer:
             samples = decode_trajectory(self.policy, trajectory, c.rollout_batch_size)
             rollout_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            scores = score_rewards(self.rewards, samples, trajectory.sample_prompts())
+            scores = score_rewards(self.rewards, samples, trajectory.sample_prompts(), criteria=True)
             return trajectory, samples, scores, rollout_seconds, time.perf_counter() - start
         pending = []
 
@@ -351,7 +396,8 @@ class Trainer:
         if getattr(self, "_reward_pool", None) is None:
             from .rewards import AsyncRewardPool
 
-            self._reward_pool = AsyncRewardPool(lambda images, prompts: score_rewards(self.rewards, images, prompts))
+            self._reward_pool = AsyncRewardPool(
+                lambda images, prompts: score_rewards(self.rewards, images, prompts, criteria=True))
         return self._reward_pool
 
     def trained_steps(self, trajectory: Trajectory) -> Tensor:
@@ -476,7 +522,9 @@ class Trainer:
         c, s = self.config, self.state
         trajectory, samples, scores, rollout_seconds, reward_seconds = self.collect_and_score()
         weights = {entry.name: entry.weight for entry in self.rewards}
-        advantages, valid = compute_advantages(scores, weights, c.group_size, c.advantage, s)
+        # Only the rewards' own scores feed the advantages; "<name>/<criterion>" keys are logged.
+        reward_scores = {entry.name: scores[entry.name] for entry in self.rewards}
+        advantages, valid = compute_advantages(reward_scores, weights, c.group_size, c.advantage, s)
         skipped = int(all_reduce_sum(torch.tensor([(~valid).sum().item() // c.group_size]), s).item())
         if skipped:
             self.skipped_groups_total += skipped
@@ -488,11 +536,20 @@ class Trainer:
         update_seconds = time.perf_counter() - start
         self.iteration += 1
         row = {"iteration": self.iteration, "prompt_position": self.prompts.position}
-        for name, value in scores.items():
+        for name, value in reward_scores.items():
             gathered = all_gather(value.to(self.device), s).cpu()
             finite = gathered[torch.isfinite(gathered)]
             row[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
             row[f"reward/{name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
+        for entry in self.rewards:
+            for key, value in scores.items():
+                # Per-criterion means (NaN-aware: e.g. position of one-group prompts); "score" is
+                # the reward's own score, already logged as its mean.
+                if not key.startswith(f"{entry.name}/") or key == f"{entry.name}/score":
+                    continue
+                gathered = all_gather(value.to(self.device), s).cpu()
+                finite = gathered[torch.isfinite(gathered)]
+                row[f"reward/{key}"] = float(finite.mean()) if finite.numel() else float("nan")
         total_seconds = rollout_seconds + reward_seconds + update_seconds
         row.update({"loss": stats.loss, "ratio_mean": stats.ratio_mean, "ratio_max_dev": stats.ratio_max_dev,
                     "first_step_ratio_max_dev": stats.first_step_ratio_max_dev,
@@ -502,14 +559,120 @@ class Trainer:
                     "seconds_rollout": rollout_seconds, "seconds_reward": reward_seconds,
                     "seconds_update": update_seconds,
                     "samples_per_second": c.samples_per_rank * s.world_size / max(total_seconds, 1e-9)})
+        evaluated = self._eval_due()
+        if evaluated:
+            row.update(self.evaluate())  # after the update, in this iteration's row
         self.logger.log(row)
+        if evaluated:
+            self.write_reward_curve()
         if c.sample_every and self.iteration % c.sample_every == 0 and s.is_main:
             save_sample_grid(samples, Path(c.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
         return row
 
+    # --- held-out evaluation -------------------------------------------------------------------
+    def _eval_due(self) -> bool:
+        """Evaluate after this iteration: every eval_every iterations and after the last one."""
+        c = self.config
+        return bool(self.eval_prompts) and (self.iteration % c.eval_every == 0 or self.iteration >= c.num_iterations)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out evaluation of the current model (every rank takes part): the eval prompts with
+        fixed noise (eval_seed), scored with the training rewards. Returns the metrics
+        (eval/<reward>/..., seconds_eval); on rank 0 also writes
+        samples/eval_iter_NNNNNN.png (the first 16 samples) and, at iteration 0,
+        samples/eval_before.pt (the "before" of before_after.png). {} when evaluation is off."""
+        if not self.eval_prompts:
+            return {}
+        c, s = self.config, self.state
+        start = time.perf_counter()
+        metrics, images, details = evaluate_policy(self.policy, self.schedule, self.eval_prompts, self.rewards,
+                                                   c.eval_samples_per_prompt, c.eval_seed, c.rollout_batch_size,
+                                                   c.mixed_precision, s, return_details=True)
+        metrics["seconds_eval"] = time.perf_counter() - start
+        self._last_eval_iteration = self.iteration
+        if s.is_main:
+            samples_dir = Path(c.output_dir) / "samples"
+            save_sample_grid(images, samples_dir / f"eval_iter_{self.iteration:06d}.png", max_samples=16,
+                             min_size=128)
+            self._last_eval = (images, details)
+            if self.iteration == 0:
+                self._save_eval_before(images, details, samples_dir / "eval_before.pt")
+        return metrics
+
+    def _before_after_entries(self, details) -> List[int]:
+        """Positions (in this rank's eval entries) of the first sample of the first 8 eval prompts."""
+        per_prompt = self.config.eval_samples_per_prompt
+        return [j for j, k in enumerate(details["indices"].tolist()) if k % per_prompt == 0 and k // per_prompt < 8]
+
+    def _sample_scores(self, details, position: int) -> Dict[str, float]:
+        return {entry.name: float(details["scores"][entry.name][position]) for entry in self.rewards}
+
+    def _save_eval_before(self, images: Tensor, details, path: Path) -> None:
+        """The iteration-0 eval samples of the before/after sheet, as uint8 with their prompts,
+        entry numbers and rewards (kept on disk so a resumed run still has them)."""
+        from .reports import to_uint8
+
+        chosen = self._before_after_entries(details)
+        torch.save({"iteration": self.iteration, "eval_seed": self.config.eval_seed,
+                    "indices": [int(details["indices"][j]) for j in chosen],
+                    "prompts": [details["prompts"][j] for j in chosen],
+                    "images": to_uint8(images[chosen]) if chosen else torch.zeros(0, dtype=torch.uint8),
+                    "scores": [self._sample_scores(details, j) for j in chosen]}, path)
+
+    def write_before_after(self) -> Optional[Path]:
+        """Rank 0: output_dir/before_after.png from samples/eval_before.pt (iteration 0) and the
+        latest evaluation, pairing samples with the same eval entry (prompt and noise). Problems
+        only warn: the checkpoint is already written."""
+        if not self.state.is_main or self._last_eval is None:
+            return None
+        try:
+            return self._write_before_after()
+        except Exception as error:  # a picture must never fail a finished run
+            warn(f"could not write before_after.png: {type(error).__name__}: {error}")
+            return None
+
+    def _write_before_after(self) -> Optional[Path]:
+        from .reports import save_before_after
+
+        c = self.config
+        path = Path(c.output_dir) / "samples" / "eval_before.pt"
+        if not path.is_file():
+            warn(f"no {path} (the run did not evaluate at iteration 0): no before_after.png")
+            return None
+        before = torch.load(path, weights_only=True)
+        images, details = self._last_eval
+        position = {int(k): j for j, k in enumerate(details["indices"].tolist())}
+        pairs = [(i, position[k]) for i, k in enumerate(before["indices"])
+                 if k in position and details["prompts"][position[k]] == before["prompts"][i]]
+        if before.get("eval_seed") != c.eval_seed or not pairs:
+            warn("the iteration-0 eval samples do not match this run's eval prompts/seed: no before_after.png")
+            return None
+        return save_before_after(
+            Path(c.output_dir) / "before_after.png",
+            before["images"][[i for i, _ in pairs]], images[[j for _, j in pairs]],
+            [before["prompts"][i] for i, _ in pairs], [before["scores"][i] for i, _ in pairs],
+            [self._sample_scores(details, j) for _, j in pairs],
+            before_label=f"before (iteration {before['iteration']})",
+            after_label=f"after (iteration {self._last_eval_iteration})")
+
+    def write_reward_curve(self) -> Optional[Path]:
+        """Rank 0: output_dir/reward_curve.png from metrics.jsonl (skipped, with one warning,
+        when matplotlib is missing; a plotting error only warns)."""
+        if not self.state.is_main:
+            return None
+        from .reports import plot_reward_curve
+
+        try:
+            return plot_reward_curve(self.logger.path, Path(self.config.output_dir) / "reward_curve.png")
+        except Exception as error:  # a picture must never stop a run
+            warn(f"could not write reward_curve.png: {type(error).__name__}: {error}")
+            return None
+
     def train(self) -> List[Dict]:
         """Run until config.num_iterations; checkpoint every K iterations and at exit (also on
-        SIGTERM/SIGINT, after the current iteration)."""
+        SIGTERM/SIGINT, after the current iteration). With eval_every, evaluate on the held-out
+        prompts before the first iteration (fresh runs), every eval_every iterations and after
+        the last. Returns the logged rows."""
         c = self.config
         rows = []
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -527,8 +690,14 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=c.num_iterations, initial=self.iteration, desc="DanceGRPO", dynamic_ncols=True)
-        last_saved = self.iteration
+        last_saved = first_iteration = self.iteration
         try:
+            if self.eval_prompts and self.iteration == 0 and c.num_iterations > 0:
+                # Before the first iteration of a fresh run (not on resume): the "before" point.
+                row = {"iteration": 0, **self.evaluate()}
+                self.logger.log(row)
+                rows.append(row)
+                self.write_reward_curve()
             while self.iteration < c.num_iterations and not self._stop_requested:
                 row = self.train_iteration()
                 rows.append(row)
@@ -540,6 +709,15 @@ class Trainer:
                     last_saved = self.iteration
             if self.iteration != last_saved:
                 self.save()
+            if self.iteration > first_iteration:
+                if self.eval_prompts and self._last_eval_iteration != self.iteration:
+                    # Stopped early (SIGTERM/SIGINT): the last iteration was not evaluated yet.
+                    row = {"iteration": self.iteration, **self.evaluate()}
+                    self.logger.log(row)
+                    rows.append(row)
+                if self.eval_prompts:
+                    self.write_before_after()
+                    self.write_reward_curve()
         finally:
             if progress is not None:
                 progress.close()

@@ -39,19 +39,30 @@ def test_pack_roundtrip_and_forward_shapes():
         tokens = pack(images, patch)
         assert tokens.shape == (2, (32 // patch) ** 2, 3 * patch * patch)
         torch.testing.assert_close(unpack(tokens, patch, 32, 32), images, rtol=0, atol=0)
+    # Pixel space (no VAE): the packing is the whole encoding, exactly invertible.
+    pixels = TinyFlowPipeline.from_config(pixel_space=True)
+    latents = pixels.images_to_latents(images)
+    assert pixels.latent_shape == (64, 48) and latents.shape == (2, 64, 48)
+    torch.testing.assert_close(pixels.latents_to_images(latents), images, rtol=0, atol=1e-6)
+    # The default: an 8x8x4 VAE latent in 2x2 patches, FLUX's layout -> 16 tokens of 16 channels.
     pipe = TinyFlowPipeline.from_config()
     latents = pipe.images_to_latents(images)
-    assert pipe.latent_shape == (64, 48) and latents.shape == (2, 64, 48)
-    torch.testing.assert_close(pipe.latents_to_images(latents), images, rtol=0, atol=1e-6)
+    assert pipe.latent_shape == (16, 16) and latents.shape == (2, 16, 16)
+    decoded = pipe.latents_to_images(latents)
+    assert decoded.shape == images.shape and 0 <= float(decoded.min()) and float(decoded.max()) <= 1
     cond = pipe.encode_prompt(["a red circle", "three white triangles below a green square"])
-    v = pipe.velocity(pipe.transformer, latents, torch.tensor([0.3, 0.9]), cond)
-    assert v.shape == latents.shape and torch.isfinite(v).all()
+    for model in (pixels, pipe):
+        x = model.images_to_latents(images)
+        v = model.velocity(model.transformer, x, torch.tensor([0.3, 0.9]), cond)
+        assert v.shape == x.shape and torch.isfinite(v).all()
 
 
-def test_save_load_roundtrip(tmp_path):
-    pipe = TinyFlowPipeline.from_config()
+@pytest.mark.parametrize("pixel_space", [False, True])
+def test_save_load_roundtrip(tmp_path, pixel_space):
+    pipe = TinyFlowPipeline.from_config(pixel_space=pixel_space)
     pipe.save_pretrained(tmp_path / "m")
     loaded = TinyFlowPipeline.from_pretrained(tmp_path / "m")
+    assert set(loaded.components) == set(pipe.components) and (loaded.vae is None) == pixel_space
     for name, module in pipe.components.items():
         for (key, a), b in zip(module.state_dict().items(), loaded.components[name].state_dict().values()):
             torch.testing.assert_close(a, b, msg=key)
@@ -71,11 +82,32 @@ def test_shipped_weights_are_small_recorded_and_load():
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
 
 
+def test_shipped_vae_keeps_what_the_reward_checks():
+    """decode(encode(image)) of rendered scenes still scores (almost) 1: the latent space loses
+    nothing the reward looks at, so what RL gains is the transformer's."""
+    from dancegrpo_fast.tiny.reward import TinyGenEvalReward
+
+    pipe = TinyFlowPipeline.from_pretrained(WEIGHTS_DIR)
+    assert pipe.vae is not None and pipe.latent_shape == (16, 16)
+    prompts = task.sample_prompts("heldout", 24, seed=3) + task.sample_prompts("train", 24, seed=3)
+    images = task.render_batch(prompts, seed=4)
+    with torch.no_grad():
+        latents = pipe.images_to_latents(images)
+    # The scaling and shift factors put the latents at about unit scale, as the flow expects.
+    assert 0.5 < float(latents.std()) < 2.0 and abs(float(latents.mean())) < 0.5
+    scores = TinyGenEvalReward()(pipe.latents_to_images(latents), prompts)
+    assert float(scores.mean()) > 0.97
+
+
 def test_shipped_model_beats_random_init():
-    prompts = task.sample_prompts("heldout", 12, seed=7)
-    trained = evaluate(load_policy(num_steps=8, eta=0.5, shift=3.0), prompts, seed=2)
-    random_init = evaluate(load_policy(random_init_seed=0, num_steps=8, eta=0.5, shift=3.0), prompts, seed=2)
-    assert trained["score"] > random_init["score"] + 0.15
+    # The baseline is a random transformer over the shipped VAE: its decodes of noise are colored
+    # blobs that already earn partial credit (0.33 on the held-out list), so the margin is
+    # smaller than against blank images; measured on all 128 held-out prompts: 0.41 vs 0.33.
+    prompts = task.sample_prompts("heldout", 32, seed=7)
+    trained = evaluate(load_policy(num_steps=8, eta=0.5, shift=3.0), prompts, 2, seed=2)
+    random_init = evaluate(load_policy(random_init_seed=0, num_steps=8, eta=0.5, shift=3.0), prompts, 2, seed=2)
+    assert trained["score"] > random_init["score"] + 0.04
+    assert trained["clean"] > random_init["clean"] + 0.08
 
 
 def test_policy_rollout_through_sde_step():

@@ -40,11 +40,12 @@ def test_each_criterion_catches_its_error(reward):
     rng = random.Random(0)
     image = task.render_batch(["two red circles left of a blue square"], rng=rng)
     cases = {
-        "two red circles left of a blue square": dict(color=1, count=1, shape=1, position=1),
-        "two red circles right of a blue square": dict(color=1, count=1, shape=1, position=0),
-        "three red circles left of a blue square": dict(color=1, count=(1 + 2 / 3) / 2, shape=1, position=1),
-        "two red squares left of a blue circle": dict(color=1, count=1, shape=0, position=1),
-        "two green circles left of a blue square": dict(color=0.5, count=0.5, shape=0.5, position=0),
+        "two red circles left of a blue square": dict(color=1, count=1, shape=1, position=1, clean=1),
+        "two red circles right of a blue square": dict(color=1, count=1, shape=1, position=0, clean=1),
+        "three red circles left of a blue square": dict(color=1, count=(1 + 2 / 3) / 2, shape=1, position=1, clean=1),
+        "two red squares left of a blue circle": dict(color=1, count=1, shape=0, position=1, clean=1),
+        # Two red circles nobody asked for: 1 of the 3 detected objects is an asked one.
+        "two green circles left of a blue square": dict(color=0.5, count=0.5, shape=0.5, position=0, clean=1 / 3),
     }
     prompts = list(cases)
     criteria = reward.criteria(image.expand(len(prompts), -1, -1, -1), prompts)
@@ -52,9 +53,14 @@ def test_each_criterion_catches_its_error(reward):
     for i, prompt in enumerate(prompts):
         for name, expected in cases[prompt].items():
             assert float(criteria[name][i]) == pytest.approx(expected, abs=1e-6), (prompt, name)
-        assert float(criteria["score"][i]) == pytest.approx(sum(cases[prompt].values()) / 4, abs=1e-6)
+        assert float(criteria["score"][i]) == pytest.approx(sum(cases[prompt].values()) / 5, abs=1e-6)
     single = reward.criteria(task.render_batch(["a yellow triangle"], seed=1), ["a yellow triangle"])
     assert torch.isnan(single["position"]).all() and float(single["score"]) == 1.0
+    # Extra objects of colors the prompt does not ask for cost "clean" (the spray-every-color hack).
+    both = task.render_batch(["a yellow triangle"], seed=1).clone()
+    both[:, :, 20:28, 2:10] = torch.tensor(task.COLORS["green"]).view(1, 3, 1, 1)  # an unasked green square
+    extra = reward.criteria(both, ["a yellow triangle"])
+    assert float(extra["color"]) == 1.0 and float(extra["clean"]) == pytest.approx(0.5)
     means = summarize(criteria)
     assert set(means) == set(criteria) and all(0 <= v <= 1 for v in means.values())
 

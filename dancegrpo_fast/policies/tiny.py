@@ -1,8 +1,10 @@
-"""The built-in tiny text-to-image flow (dancegrpo_fast.tiny): a small FluxTransformer2DModel on
-32x32 pixels with its own word-level text encoder, served like FLUX.
+"""The built-in tiny text-to-image flow (dancegrpo_fast.tiny): a small FluxTransformer2DModel over
+the latents of a small AutoencoderKL, for 32x32 images, with its own word-level text encoder,
+served like FLUX.
 
-Model space: the packed pixel patches (B, 64, 48) of x0 = 2 * image - 1 (no VAE). The
-transformer receives int(sigma * 1000) / 1000 (it scales by 1000 itself), no guidance embedding;
+Model space: the VAE's 8x8x4 latents, scaled and shifted, packed in 2x2 patches as FLUX packs
+its latents: (B, 16, 16); `decode` runs the VAE decoder (a weights folder without a vae/ is a
+pixel-space model: packed pixel patches of x0 = 2 * image - 1). The transformer receives int(sigma * 1000) / 1000 (it scales by 1000 itself), no guidance embedding;
 classifier-free guidance works (the model was pretrained with 10% empty prompts) but is off by
 default. An empty model_path loads the weights shipped in the package (dancegrpo_fast/tiny/weights).
 """

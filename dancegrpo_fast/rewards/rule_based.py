@@ -93,6 +93,24 @@ class BinaryReward(Reward):
     def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         return self(images, prompts)
 
+    @property
+    def criteria(self):
+        """When the wrapped reward has `criteria(images, prompts)` (per-criterion scores, e.g.
+        tiny_geneval): the same criteria with "score" the binary score and "inner_score" the
+        wrapped reward's score; None otherwise."""
+        inner = getattr(self.inner, "criteria", None)
+        if not callable(inner):
+            return None
+
+        def criteria(images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+            parts = dict(inner(images, prompts))
+            score = parts["score"]
+            parts["inner_score"] = score
+            parts["score"] = (score > self.threshold).to(torch.float32)
+            return parts
+
+        return criteria
+
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "threshold": self.threshold, "inner": self.inner.describe()}
 

@@ -6,9 +6,10 @@ score them with the rule-based tiny_geneval reward, per criterion.
         --transformer outputs/run/checkpoints/iter_000040/model/transformer  # an RL checkpoint
     python -m dancegrpo_fast.tiny.evaluate --random_init --split heldout  # the untrained model
 
-Sampling uses the trainer's own pieces: TinyPolicy.schedule() (SPEC 1a coefficients),
-noise.grouped_noise for x_T (one seed per prompt) and ops.sde_step with per-sample seeds, so a
-given (prompt list, seed) is reproducible.
+Sampling is the trainer's held-out evaluation sampling (dancegrpo_fast.evaluation.sample_fixed):
+TinyPolicy.schedule() (SPEC 1a coefficients), noise.grouped_noise for x_T (one seed per prompt)
+and ops.sde_step with per-sample seeds, so a given (prompt list, seed) is reproducible and equals
+the trainer's eval samples with eval_seed = seed.
 """
 from __future__ import annotations
 
@@ -56,9 +57,16 @@ def load_policy(model_path: str = "", transformer: Optional[str] = None, random_
 
     config = sampler_config(**sampler_kwargs)
     if random_init_seed is not None:
+        # A randomly initialised transformer and text encoder over the trained VAE of model_path
+        # (the shipped one by default): what the flow itself learned is what the baseline lacks.
+        from . import WEIGHTS_DIR
+
         torch.manual_seed(random_init_seed)
+        random_pipe = TinyFlowPipeline.from_config()
+        trained = TinyFlowPipeline.from_pretrained(model_path or WEIGHTS_DIR)
         folder = tempfile.mkdtemp(prefix="tiny_random_")
-        TinyFlowPipeline.from_config().save_pretrained(folder)
+        TinyFlowPipeline(random_pipe.transformer, random_pipe.text_encoder, trained.image_size,
+                         trained.vae).save_pretrained(folder)
         model_path = folder
     policy = TinyPolicy(model_path, config, device)
     if transformer:
@@ -73,27 +81,11 @@ def load_policy(model_path: str = "", transformer: Optional[str] = None, random_
 @torch.no_grad()
 def sample(policy, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """One image per prompt with the policy's sampler: (B, 3, H, W) float32 in [0, 1]. Prompt k
-    uses initial-noise seed (seed, k) and step-noise seed (seed, k)."""
-    from .. import ops
-    from ..noise import grouped_noise
-    from ..rollout import mix_seed
+    uses initial-noise seed (seed, k) and step-noise seed (seed, k): the trainer's held-out
+    evaluation sampling, `dancegrpo_fast.evaluation.sample_fixed`."""
+    from ..evaluation import sample_fixed
 
-    schedule = policy.schedule()
-    shape = tuple(policy.latent_shape())
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        ids = range(start, start + len(chunk))
-        noise_seeds = torch.tensor([mix_seed(seed, k, 1) for k in ids], dtype=torch.int64)
-        step_seeds = torch.tensor([mix_seed(seed, k, 2) for k in ids], dtype=torch.int64)
-        x = grouped_noise(noise_seeds, 1, shape, torch.float32, policy.device)
-        cond = policy.encode(chunk)
-        for i in range(schedule.num_steps):
-            step = torch.full((len(chunk),), i, dtype=torch.int64)
-            v = policy.predict(x, step, cond, schedule)
-            x = ops.sde_step(v, x, schedule.coefficients(step, policy.device), seeds=step_seeds, step_index=i).prev_sample
-        images.append(policy.decode(x))
-    return torch.cat(images)
+    return sample_fixed(policy, policy.schedule(), prompts, seed, batch_size, mixed_precision="no")
 
 
 def evaluate(policy, prompts: Sequence[str], samples_per_prompt: int = 1, seed: int = 0,

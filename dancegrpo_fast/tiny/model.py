@@ -1,17 +1,27 @@
-"""The tiny text-to-image rectified flow: a small FluxTransformer2DModel (the class FLUX.1 uses)
-on 32x32 RGB pixels, conditioned by a word-level text encoder over the grammar's vocabulary.
+"""The tiny text-to-image rectified flow, built like FLUX.1 at toy scale: a small
+FluxTransformer2DModel over the latents of a small AutoencoderKL, conditioned by a word-level text
+encoder over the grammar's vocabulary.
 
-Latent space = pixel space, no VAE: an image in [0, 1] becomes x0 = 2 * image - 1, packed like
-FLUX packs its VAE latents, but with `patch` x `patch` pixel patches (default 4): (B, 3, 32, 32)
--> (B, 64 tokens, 48 channels). The transformer predicts the flow velocity v = noise - x0 on
-x_t = (1 - t) x0 + t noise (FLUX's convention, so x0_hat = x_t - t v), receiving t in [0, 1] (it
-scales by 1000 itself) and no guidance embedding.
+Latent space: the VAE maps a 32x32 RGB image (x = 2 * image - 1) to an 8x8x4 latent z (its
+posterior mean); the model works on (z - shift_factor) * scaling_factor, packed in 2x2 patches as
+FLUX packs its latents: (B, 4, 8, 8) -> (B, 16 tokens, 16 channels), 256 numbers per image.
+Why a VAE at this scale: the policy's Gaussian lives in model space, and GRPO's gradient noise grows
+with its dimension; 256 latent numbers, each of which matters to the picture, give a far better
+signal per sample than 3,072 pixels, most of whose noise the reward never sees.
+
+Without a VAE (a pipeline built with vae=None, as some tests do) the latents are the pixels
+themselves, packed in `patch` x `patch` pixel patches.
+
+The transformer predicts the flow velocity v = noise - x0 on x_t = (1 - t) x0 + t noise (FLUX's
+convention, so x0_hat = x_t - t v), receiving t in [0, 1] (it scales by 1000 itself) and no
+guidance embedding.
 
 Weights folder (diffusers layout, so the policy's folder checks apply unchanged):
 
-    model_index.json                      {"_class_name": "TinyFlowPipeline", transformer, text_encoder}
+    model_index.json                      {"_class_name": "TinyFlowPipeline", transformer, text_encoder, vae}
     transformer/config.json + diffusion_pytorch_model.safetensors   (FluxTransformer2DModel)
     text_encoder/config.json + diffusion_pytorch_model.safetensors  (TinyTextEncoder)
+    vae/config.json + diffusion_pytorch_model.safetensors           (AutoencoderKL; scaling/shift factors in its config)
     pretrain_record.json                  how the weights were made (dancegrpo_fast.pretrain_tiny)
 """
 from __future__ import annotations
@@ -23,7 +33,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -33,9 +43,14 @@ PIPELINE_CLASS = "TinyFlowPipeline"
 SPECIAL_TOKENS = ("<pad>", "<s>", "<unk>")
 PAD, BOS, UNK = 0, 1, 2
 
-DEFAULT_TRANSFORMER = dict(patch_size=1, in_channels=48, out_channels=None, num_layers=2, num_single_layers=2,
+DEFAULT_TRANSFORMER = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=2, num_single_layers=2,
                            attention_head_dim=32, num_attention_heads=3, joint_attention_dim=64,
                            pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+# 32x32x3 -> 8x8x4: three encoder blocks (two downsamplings), no attention in the mid block.
+DEFAULT_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+                   latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE, mid_block_add_attention=False)
+LATENT_PATCH = 2
 
 
 class TinyTokenizer:
@@ -124,34 +139,49 @@ def image_ids(height: int, width: int, patch: int, device=None) -> Tensor:
 
 class TinyFlowPipeline:
     """The tiny model's components: `transformer` (FluxTransformer2DModel), `text_encoder`
-    (TinyTextEncoder, which owns the tokenizer); image size and patch in `image_size`, `patch`.
+    (TinyTextEncoder, which owns the tokenizer) and `vae` (AutoencoderKL, or None for pixel
+    space); image size in `image_size`, model-space packing in `patch` (latent or pixel patch).
     Not a diffusers DiffusionPipeline: just enough for the policy, pretraining and evaluation."""
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: TinyTextEncoder,
-                 image_size: int = IMAGE_SIZE):
+                 image_size: int = IMAGE_SIZE, vae: Optional[AutoencoderKL] = None):
         self.transformer = transformer
         self.text_encoder = text_encoder
+        self.vae = vae
         self.image_size = image_size
         channels = transformer.config.in_channels
-        self.patch = int(round((channels / 3) ** 0.5))
-        if 3 * self.patch ** 2 != channels or image_size % self.patch:
-            raise ValueError(f"transformer in_channels={channels} is not 3 * patch^2 for a patch that divides "
-                             f"the image size {image_size}")
-        self.image_ids = image_ids(image_size, image_size, self.patch)
+        if vae is None:
+            self.space_channels, self.space_size = 3, image_size
+        else:
+            self.space_channels = vae.config.latent_channels
+            self.space_size = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+        self.patch = int(round((channels / self.space_channels) ** 0.5))
+        if self.space_channels * self.patch ** 2 != channels or self.space_size % self.patch:
+            raise ValueError(f"transformer in_channels={channels} is not {self.space_channels} * patch^2 for a patch "
+                             f"that divides the {'latent' if vae is not None else 'image'} size {self.space_size}")
+        self.image_ids = image_ids(self.space_size, self.space_size, self.patch)
 
     @classmethod
-    def from_config(cls, transformer: Optional[Dict] = None, text_encoder: Optional[Dict] = None) -> "TinyFlowPipeline":
-        """A randomly initialised pipeline (the default architecture unless configs are given)."""
+    def from_config(cls, transformer: Optional[Dict] = None, text_encoder: Optional[Dict] = None,
+                    vae: Optional[Dict] = None, pixel_space: bool = False) -> "TinyFlowPipeline":
+        """A randomly initialised pipeline (the default architecture unless configs are given);
+        pixel_space=True: no VAE (give a transformer config with in_channels = 3 * patch^2)."""
+        if pixel_space:
+            return cls(FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER, "in_channels": 48, **(transformer or {})}),
+                       TinyTextEncoder(**(text_encoder or {})))
         return cls(FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER, **(transformer or {})}),
-                   TinyTextEncoder(**(text_encoder or {})))
+                   TinyTextEncoder(**(text_encoder or {})), vae=AutoencoderKL(**{**DEFAULT_VAE, **(vae or {})}))
 
     @property
     def components(self) -> Dict[str, nn.Module]:
-        return {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        parts = {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            parts["vae"] = self.vae
+        return parts
 
     @property
     def latent_shape(self) -> Tuple[int, int]:
-        return ((self.image_size // self.patch) ** 2, 3 * self.patch ** 2)
+        return ((self.space_size // self.patch) ** 2, self.space_channels * self.patch ** 2)
 
     # --- io ------------------------------------------------------------------------------------
     @classmethod
@@ -160,7 +190,11 @@ class TinyFlowPipeline:
         index = json.loads((folder / "model_index.json").read_text())
         transformer = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), torch_dtype=torch_dtype)
         text_encoder = TinyTextEncoder.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch_dtype)
-        return cls(transformer, text_encoder, int(index.get("image_size", IMAGE_SIZE)))
+        vae = None
+        if "vae" in index:
+            # The VAE stays float32: it is tiny, and its decode feeds the reward.
+            vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval().requires_grad_(False)
+        return cls(transformer, text_encoder, int(index.get("image_size", IMAGE_SIZE)), vae)
 
     def save_pretrained(self, folder, dtype: Optional[torch.dtype] = None) -> None:
         """Write the weights folder; `dtype` (e.g. torch.float16) casts copies for storage."""
@@ -175,6 +209,8 @@ class TinyFlowPipeline:
                  "image_size": self.image_size,
                  "transformer": ["diffusers", "FluxTransformer2DModel"],
                  "text_encoder": ["dancegrpo_fast.tiny.model", "TinyTextEncoder"]}
+        if self.vae is not None:
+            index["vae"] = ["diffusers", "AutoencoderKL"]
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     # --- model calls ---------------------------------------------------------------------------
@@ -193,12 +229,28 @@ class TinyFlowPipeline:
                       img_ids=self.image_ids.to(device=device, dtype=dtype), return_dict=False)[0]
 
     def images_to_latents(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> packed latents in [-1, 1]."""
-        return pack(images * 2 - 1, self.patch)
+        """(B, 3, H, W) in [0, 1] -> packed model-space latents (x0 of the flow)."""
+        x = images * 2 - 1
+        if self.vae is None:
+            return pack(x, self.patch)
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
+        shift, scale = self._latent_factors()
+        return pack((z - shift) * scale, self.patch)
+
+    def _latent_factors(self) -> Tuple[float, float]:
+        """(shift_factor, scaling_factor) of the VAE config (an untrained VAE has no shift: 0)."""
+        config = self.vae.config
+        return float(config.shift_factor or 0.0), float(config.scaling_factor)
 
     def latents_to_images(self, latents: Tensor) -> Tensor:
         """Packed latents -> (B, 3, H, W) float32 in [0, 1]."""
-        images = unpack(latents.float(), self.patch, self.image_size, self.image_size)
+        if self.vae is None:
+            images = unpack(latents.float(), self.patch, self.image_size, self.image_size)
+        else:
+            shift, scale = self._latent_factors()
+            z = unpack(latents.float(), self.patch, self.space_size, self.space_size) / scale + shift
+            with torch.no_grad():
+                images = self.vae.decode(z.to(self.vae.dtype)).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -209,4 +261,4 @@ def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 __all__ = ["TinyTokenizer", "TinyTextEncoder", "TinyFlowPipeline", "pack", "unpack", "image_ids",
-           "DEFAULT_TRANSFORMER", "PIPELINE_CLASS"]
+           "DEFAULT_TRANSFORMER", "DEFAULT_VAE", "PIPELINE_CLASS"]

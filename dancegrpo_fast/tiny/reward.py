@@ -17,7 +17,11 @@ Criteria, each in [0, 1] per sample, averaged over the prompt's groups:
 - shape: fraction of the group's components that have the asked shape (0 when none);
 - position (two-group prompts only): the mean centroid of the first group lies on the asked
   side of the second's by >= `position_margin` pixels (linear from 0 px to the margin; 0 when a
-  group is missing). NaN for one-group prompts.
+  group is missing). NaN for one-group prompts;
+- clean: the fraction of the detected objects whose color the prompt asks for (0 when nothing
+  is detected). Without it, "color" and "count" are hackable: a policy that sprays blobs of every
+  color finds each asked color somewhere, and RL on the first version of this reward learned
+  exactly that.
 The score is the mean of the criteria that apply. The renderer's own images score 1.
 
 Registered as "tiny_geneval"; "tiny_geneval_binary" is 1 when the score exceeds a threshold
@@ -35,7 +39,7 @@ from ..rewards.base import Reward, register_reward
 from ..rewards.rule_based import BinaryReward
 from .task import BACKGROUND, COLORS, SHAPES, Scene, parse_prompt
 
-CRITERIA = ("color", "count", "shape", "position")
+CRITERIA = ("color", "count", "shape", "position", "clean")
 PALETTE_NAMES = tuple(COLORS)
 _PALETTE = torch.tensor([COLORS[name] for name in PALETTE_NAMES] + [BACKGROUND], dtype=torch.float32)
 # (fill ratio, top corners covered, bottom corners covered) of each shape.
@@ -186,8 +190,11 @@ class TinyGenEvalReward(Reward):
             by_owner.setdefault(key, []).append(index)
         cx, cy = stats.cx.tolist(), stats.cy.tolist()
         result = {name: torch.zeros(batch) for name in CRITERIA}
+        detected = torch.bincount(stats.image, minlength=batch).tolist()
         for b, scene in enumerate(scenes):
             centers = []
+            asked = sum(len(by_owner.get((b, PALETTE_NAMES.index(g.color)), [])) for g in scene.groups)
+            result["clean"][b] = asked / detected[b] if detected[b] else 0.0
             color = count = shape = 0.0
             for group in scene.groups:
                 components = by_owner.get((b, PALETTE_NAMES.index(group.color)), [])
@@ -223,7 +230,7 @@ class TinyGenEvalReward(Reward):
         return _one_thread() if self.single_thread else contextlib.nullcontext()
 
     def criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """Per-criterion scores {color, count, shape, position, score}: (B,) float32 on the CPU;
+        """Per-criterion scores {color, count, shape, position, clean, score}: (B,) float32 on the CPU;
         position is NaN for one-group prompts (use torch.nanmean to average it)."""
         from ..rewards.base import validate_inputs
 
