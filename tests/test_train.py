@@ -387,11 +387,18 @@ def test_tiny_preset_trains_from_the_cli(tmp_path):
     code = main(["--preset", "tiny", "--prompt_file", str(prompts), "--output_dir", str(tmp_path / "out"),
                  "--num_iterations", "1", "--group_size", "4", "--prompts_per_rank", "2", "--rollout_batch_size", "8",
                  "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_steps", "4",
-                 "--progress_bar", "false", "--tensorboard", "false"])
+                 "--progress_bar", "false", "--tensorboard", "false", "--eval_num_prompts", "4",
+                 "--eval_samples_per_prompt", "1"])
     assert code == 0
-    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text())
-    assert row["iteration"] == 1 and row["first_step_ratio_max_dev"] == 0.0 and "reward/tiny_geneval/mean" in row
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    # The preset evaluates on the held-out prompts before training and after the last iteration.
+    assert [r["iteration"] for r in rows] == [0, 1] and "eval/tiny_geneval/clean" in rows[0]
+    row = rows[1]
+    assert row["first_step_ratio_max_dev"] == 0.0 and "reward/tiny_geneval/mean" in row
+    assert "eval/tiny_geneval/mean" in row and "reward/tiny_geneval/clean" in row
     assert (find_latest(tmp_path / "out") / "model" / "transformer" / "config.json").is_file()
+    for name in ("reward_curve.png", "before_after.png"):
+        assert (tmp_path / "out" / name).is_file(), name
 
 
 def test_tensorboard_gets_the_scalars_when_installed(tmp_path, monkeypatch):
