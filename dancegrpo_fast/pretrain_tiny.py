@@ -101,6 +101,20 @@ def _command(argv: Sequence[str]) -> str:
     return "python -m dancegrpo_fast.pretrain_tiny " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _track_loss(loss, running, step: int, args, record: Dict, start: float, label: str) -> float:
+    """Smoothed loss (EMA 0.98), an error on a non-finite loss, and the record's loss curve and a
+    printed line every --log_every steps. Returns the new smoothed loss."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"the {label}loss became {value} at step {step}; lower --lr")
+    running = value if running is None else 0.98 * running + 0.02 * value
+    if step % args.log_every == 0 or step == args.steps:
+        elapsed = time.perf_counter() - start
+        record["loss_curve"].append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
+        print(f"{label}step {step}/{args.steps} loss {running:.4f} ({elapsed:.0f} s)", flush=True)
+    return running
+
+
 def pretrain_vae(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     """Train the tiny AutoencoderKL; set scaling_factor = 1 / std and shift_factor = mean of the
     latents of 1024 fresh scenes (so the flow sees unit-scale latents); write OUT/vae."""
@@ -131,14 +145,7 @@ def pretrain_vae(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"the VAE loss became {value} at step {step}; lower --lr")
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if step % args.log_every == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
-            record["loss_curve"].append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
-            print(f"vae step {step}/{args.steps} loss {running:.4f} ({elapsed:.0f} s)", flush=True)
+        running = _track_loss(loss, running, step, args, record, start, "VAE ")
     vae.eval()
     with torch.no_grad():
         scenes = [task.random_scene(rng, "train", args.single_fraction) for _ in range(1024)]
@@ -220,14 +227,7 @@ def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
             with torch.no_grad():
                 for name, p in params.items():
                     ema[name].lerp_(p.detach(), 1 - decay)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"the loss became {value} at step {step}; lower --lr")
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if step % args.log_every == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
-            record["loss_curve"].append({"step": step, "loss": round(running, 5), "seconds": round(elapsed, 1)})
-            print(f"step {step}/{args.steps} loss {running:.4f} ({elapsed:.0f} s)", flush=True)
+        running = _track_loss(loss, running, step, args, record, start, "")
         if args.snapshot_every and step % args.snapshot_every == 0 and step != args.steps:
             snapshot = dict(record, steps=step, seconds=round(time.perf_counter() - start, 1), final_loss=round(running, 5),
                             note=f"snapshot at step {step} of a {args.steps}-step run; equals a run with --steps {step}")
@@ -249,7 +249,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wrote {args.out}/vae: {record['steps']} steps in {record['seconds']:.0f} s, final loss "
               f"{record['final_loss']:.4f}")
         return 0
-    record = pretrain(args, argv)
+    try:
+        record = pretrain(args, argv)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {record['steps']} steps in {record['seconds']:.0f} s, final loss {record['final_loss']:.4f}")
     return 0
 
