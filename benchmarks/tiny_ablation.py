@@ -77,8 +77,10 @@ def run_one(setting: str, seed: int, iterations: int, out_root: Path, binary_yam
         raise RuntimeError(f"{setting} seed {seed} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     before, after = eval_reward(rows, last=False), eval_reward(rows, last=True)
+    curve = [[r["iteration"], round(float(r[k]), 4)] for r in rows for k in ("eval/tiny_geneval/mean",
+             "eval/tiny_geneval_binary/inner_score") if r.get(k) is not None]
     result = {"setting": setting, "seed": seed, "iterations": iterations, "before": before, "after": after,
-              "gain": after - before, "seconds": round(seconds, 1), "command": " ".join(command[1:])}
+              "gain": after - before, "seconds": round(seconds, 1), "curve": curve, "command": " ".join(command[1:])}
     print(json.dumps(result), flush=True)
     return result
 

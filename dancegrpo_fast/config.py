@@ -298,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_tiny_folder(path: str) -> bool:
+    """A weights folder written by TinyFlowPipeline.save_pretrained (model_index.json says so)."""
+    index = Path(path) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name") == "TinyFlowPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """defaults < --preset < --config < command-line flags; validated."""
     args = build_parser().parse_args(argv)
@@ -305,8 +314,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     config = TrainConfig()
     preset = values.pop("preset")
     config_file = values.pop("config")
-    if not preset and not config_file and "model_family" not in values and "model_path" not in values:
-        # No model named at all: the built-in default, the tiny task that trains on a CPU.
+    if not preset and not config_file and "model_family" not in values and (
+            "model_path" not in values or _is_tiny_folder(values["model_path"])):
+        # No model named at all, or only a tiny-model folder (pretrain_tiny's output or a
+        # snapshot of it): the built-in tiny task that trains on a CPU.
         preset = "tiny"
     if preset:
         config = TrainConfig.from_dict(load_preset(preset), config)

@@ -14,7 +14,8 @@ Data: an endless stream of random train-split scenes (dancegrpo_fast.tiny.task.r
 30% one-group, 70% two-group prompts; the held-out color-shape pairs never occur), rendered at
 32x32 with random placement, seeded by --seed. Objective: rectified flow, x_t = (1 - t) x0 + t
 noise, target v = noise - x0, t ~ sigmoid(N(0, 1)) (80%) or U(0, 1) (20%); text dropped (empty
-prompt) with probability --text_dropout so classifier-free guidance is possible. AdamW, linear
+prompt) with probability --text_dropout so classifier-free guidance is possible; --caption_noise
+makes captions wrong at random (counts, colors, relation), like web captions. AdamW, linear
 warm-up then a constant learning rate (so a run of N steps equals the first N steps of a longer
 run), EMA of the weights, which are what is saved. Writes the weights folder and
 pretrain_record.json (command, seed, data, steps, time, final loss, loss curve) next to them.
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights (0 = no EMA)")
     parser.add_argument("--text_dropout", type=float, default=0.1, help="probability of training on the empty prompt")
     parser.add_argument("--single_fraction", type=float, default=0.3, help="fraction of one-group prompts")
+    parser.add_argument("--caption_noise", type=float, default=0.0,
+                        help="flow stage: probability that a caption's count, color or relation (each on its own) "
+                             "is redrawn at random, like web captions (tiny.task.noisy_caption)")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 is fastest for this model on a shared 2-core CPU)")
@@ -194,6 +198,7 @@ def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
         "data": {"description": "random train-split scenes of dancegrpo_fast.tiny.task (random_scene(rng, 'train', "
                                 f"single_fraction={args.single_fraction}) with rng = random.Random(seed)), rendered "
                                 "at 32x32 on the fly, one fresh image per sample",
+                 "caption_noise": args.caption_noise,
                  "heldout_pairs_never_seen": sorted(list(p) for p in task.HELDOUT_PAIRS),
                  "train_compositions": len(task.split_scenes("train")),
                  "heldout_compositions": len(task.split_scenes("heldout"))},
@@ -206,7 +211,8 @@ def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     running = None
     for step in range(1, args.steps + 1):
         scenes = [task.random_scene(rng, "train", args.single_fraction) for _ in range(args.batch_size)]
-        prompts = [s.prompt() if rng.random() >= args.text_dropout else "" for s in scenes]
+        captions = [task.noisy_caption(s, rng, args.caption_noise) for s in scenes]
+        prompts = [c.prompt() if rng.random() >= args.text_dropout else "" for c in captions]
         images = task.render_batch(scenes, rng=rng)
         with torch.no_grad():
             x0 = pipe.images_to_latents(images)
@@ -243,6 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         print("error: --steps and --batch_size must be >= 1", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.caption_noise <= 1.0:
+        print(f"error: --caption_noise is a probability in [0, 1], got {args.caption_noise}", file=sys.stderr)
         return 2
     if args.stage == "vae":
         record = pretrain_vae(args, argv)

@@ -78,3 +78,26 @@ def test_shape_masks():
         assert square.all()
         assert not circle[0, 0] and circle[size // 2, 0] and 0.6 < circle.mean() < 0.9
         assert triangle[-1, 0] and triangle[-1, -1] and not triangle[0, 0] and 0.4 < triangle.mean() < 0.7
+
+
+def test_noisy_caption_redraws_attributes_and_stays_in_the_train_split():
+    rng = random.Random(0)
+    scenes = [task.random_scene(rng, "train") for _ in range(400)]
+    # Probability 0: the same scene, and no random numbers drawn (the clean data stream).
+    state = rng.getstate()
+    assert all(task.noisy_caption(s, rng, 0.0) is s for s in scenes)
+    assert rng.getstate() == state
+    noisy = [task.noisy_caption(s, rng, 0.5) for s in scenes]
+    assert not any(n.is_heldout for n in noisy)
+    assert all(len(n.groups) < 2 or n.groups[0].color != n.groups[1].color for n in noisy)
+    # Shapes and the number of groups are kept; counts, colors and relations change at about
+    # probability * (1 - 1/choices).
+    assert all([g.shape for g in n.groups] == [g.shape for g in s.groups] for n, s in zip(noisy, scenes))
+    counts = [(a.count != b.count) for n, s in zip(noisy, scenes) for a, b in zip(n.groups, s.groups)]
+    colors = [(a.color != b.color) for n, s in zip(noisy, scenes) for a, b in zip(n.groups, s.groups)]
+    relations = [n.relation != s.relation for n, s in zip(noisy, scenes) if s.relation]
+    assert 0.25 < sum(counts) / len(counts) < 0.42  # 0.5 * 2/3
+    assert 0.30 < sum(colors) / len(colors) < 0.55  # 0.5 * 5/6, plus re-draws
+    assert 0.25 < sum(relations) / len(relations) < 0.50  # 0.5 * 3/4
+    with pytest.raises(ValueError, match="probability"):
+        task.noisy_caption(scenes[0], rng, 1.5)

@@ -87,6 +87,20 @@ def test_config_cli_yaml_presets(tmp_path):
         parse_config(["--preset", "nope"])
 
 
+def test_no_arguments_or_a_tiny_weights_folder_mean_the_tiny_task(tmp_path):
+    from dancegrpo_fast.tiny import WEIGHTS_DIR
+
+    assert parse_config([]).model_family == "tiny"
+    own = parse_config(["--model_path", str(WEIGHTS_DIR), "--lr", "1e-4"])
+    assert (own.model_family, own.model_path, own.lr, own.num_steps) == ("tiny", str(WEIGHTS_DIR), 1e-4, 8)
+    # Any other folder keeps the plain defaults (FLUX).
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert parse_config(["--model_path", str(other)]).model_family == "flux"
+    assert parse_config(["--model_path", str(tmp_path / "missing")]).model_family == "flux"
+
+
 def test_trained_timesteps_follow_spec():
     config = TrainConfig(num_steps=16, timestep_fraction=0.6)
     assert config.trainable_steps() == list(range(15)) and config.trained_timesteps() == 9

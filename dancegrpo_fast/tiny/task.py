@@ -194,6 +194,33 @@ def random_scene(rng: random.Random, split: str = "train", single_fraction: floa
             return scene
 
 
+def noisy_caption(scene: Scene, rng: random.Random, probability: float) -> Scene:
+    """The scene a noisy caption describes, like web alt-text that gets counts, colors and
+    spatial relations wrong: each group's count and color and the relation are, independently
+    with `probability`, redrawn uniformly (possibly to the same value). The result is still a
+    train-split scene (a redraw that would name a held-out color-shape pair, or give both groups
+    one color, is drawn again), so held-out pairs never appear in a caption either. With
+    probability 0 no random numbers are drawn: the data stream is that of clean captions."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"caption noise probability must be in [0, 1], got {probability!r}")
+    if probability == 0.0:
+        return scene
+    while True:
+        groups = []
+        for group in scene.groups:
+            count = rng.choice(list(COUNT_WORDS)) if rng.random() < probability else group.count
+            color = rng.choice(list(COLORS)) if rng.random() < probability else group.color
+            groups.append(Group(count, color, group.shape))
+        relation = scene.relation
+        if relation is not None and rng.random() < probability:
+            relation = rng.choice(RELATIONS)
+        if len(groups) == 2 and groups[0].color == groups[1].color:
+            continue
+        noisy = Scene(tuple(groups), relation)
+        if not noisy.is_heldout:
+            return noisy
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
