@@ -179,6 +179,12 @@ class TrainConfig:
         for spec in self.rewards:
             need(isinstance(spec, RewardSpec) and spec.name, f"each reward needs a name, got {spec!r}")
             need(math.isfinite(spec.weight), f"reward {spec.name!r} has a non-finite weight {spec.weight!r}")
+        # Scores, weights and advantages are keyed by name: a repeated name would silently keep
+        # only one of them.
+        names = [spec.name for spec in self.rewards]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        need(not repeated, f"rewards: each name may appear once, {repeated} appear more than once "
+                           "(combine them into one weight, or register the variant under its own name)")
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -85,6 +85,8 @@ def test_config_cli_yaml_presets(tmp_path):
         parse_config(["--group_size", "two"])
     with pytest.raises(ValueError, match="unknown preset"):
         parse_config(["--preset", "nope"])
+    with pytest.raises(ValueError, match=r"rewards: each name may appear once, \['hps'\]"):
+        parse_config(["--preset", "flux", "--rewards", "hps:1.0,clip:0.5,hps:0.5"])
 
 
 def test_no_arguments_or_a_tiny_weights_folder_mean_the_tiny_task(tmp_path):
