@@ -106,7 +106,7 @@ def evaluate_policy(policy, schedule, prompts: Sequence[str], rewards, samples_p
     {"indices": (n,) global entry numbers, "prompts": their prompts, "scores": {name or
     name/criterion: (n,)}} for this rank's entries.
     """
-    from .train import score_rewards  # the trainer's scoring (errors name the reward)
+    from .train import RewardEntry, score_rewards  # the trainer's scoring (errors name the reward)
 
     state = state or DistributedState()
     entries = _reward_entries(rewards)
@@ -120,7 +120,7 @@ def evaluate_policy(policy, schedule, prompts: Sequence[str], rewards, samples_p
     mine = rank_entries(len(all_prompts), state)
     per_rank = math.ceil(len(all_prompts) / state.world_size)
     padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
-    reward_list = [_Entry(name, fn) for name, fn in entries]
+    reward_list = [RewardEntry(name, fn, 1.0) for name, fn in entries]  # weights do not enter the eval
     images, scores = [], []
     for start in range(0, per_rank, batch_size):
         ids = padded[start:start + batch_size]
@@ -164,14 +164,6 @@ def evaluate_policy(policy, schedule, prompts: Sequence[str], rewards, samples_p
     details = {"indices": torch.tensor(mine, dtype=torch.int64), "prompts": [all_prompts[k] for k in mine],
                "scores": scores}
     return metrics, images, details
-
-
-class _Entry:
-    """The (name, function) pair score_rewards reads."""
-
-    def __init__(self, name: str, function):
-        self.name = name
-        self.function = function
 
 
 __all__ = ["sample_fixed", "evaluate_policy", "eval_entries", "rank_entries", "FULLY_CORRECT_THRESHOLD"]

@@ -80,6 +80,18 @@ def _matplotlib():
     return plt
 
 
+def _finish_axis(axis, ylabel: str, title: str) -> None:
+    """Integer iteration ticks, labels, grid and legend of one panel."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("iteration")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+
+
 def plot_reward_curve(metrics_path, out_path, window: int = 10) -> Optional[Path]:
     """Write the reward curve PNG: panel 1 the training reward mean per iteration (light line),
     its moving average over `window` iterations and the held-out eval mean at each eval
@@ -110,26 +122,14 @@ def plot_reward_curve(metrics_path, out_path, window: int = 10) -> Optional[Path
         if its:
             axis.plot(its, values, color=color, linestyle="--", marker="o", markersize=5, linewidth=1.5,
                       label=f"held-out eval {name}")
-    from matplotlib.ticker import MaxNLocator
-
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("iteration")
-    axis.set_ylabel("reward")
-    axis.set_title("reward")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
+    _finish_axis(axis, "reward", "reward")
     if criterion_keys:
         axis = axes[1][0]
         for key in criterion_keys:
             its, values = _series(rows, key)
             if its:
                 axis.plot(its, values, marker="o", markersize=4, linewidth=1.5, label=key[len("eval/"):])
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlabel("iteration")
-        axis.set_ylabel("held-out eval")
-        axis.set_title("held-out eval per criterion")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, loc="best")
+        _finish_axis(axis, "held-out eval", "held-out eval per criterion")
     figure.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -537,8 +537,7 @@ class Trainer:
         self.iteration += 1
         row = {"iteration": self.iteration, "prompt_position": self.prompts.position}
         for name, value in reward_scores.items():
-            gathered = all_gather(value.to(self.device), s).cpu()
-            finite = gathered[torch.isfinite(gathered)]
+            finite = self._gathered_finite(value)
             row[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
             row[f"reward/{name}/std"] = float(finite.std()) if finite.numel() > 1 else 0.0
         for entry in self.rewards:
@@ -547,8 +546,7 @@ class Trainer:
                 # the reward's own score, already logged as its mean.
                 if not key.startswith(f"{entry.name}/") or key == f"{entry.name}/score":
                     continue
-                gathered = all_gather(value.to(self.device), s).cpu()
-                finite = gathered[torch.isfinite(gathered)]
+                finite = self._gathered_finite(value)
                 row[f"reward/{key}"] = float(finite.mean()) if finite.numel() else float("nan")
         total_seconds = rollout_seconds + reward_seconds + update_seconds
         row.update({"loss": stats.loss, "ratio_mean": stats.ratio_mean, "ratio_max_dev": stats.ratio_max_dev,
@@ -568,6 +566,11 @@ class Trainer:
         if c.sample_every and self.iteration % c.sample_every == 0 and s.is_main:
             save_sample_grid(samples, Path(c.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
         return row
+
+    def _gathered_finite(self, value: Tensor) -> Tensor:
+        """The finite values of a per-sample tensor over all ranks, on the CPU (for logging)."""
+        gathered = all_gather(value.to(self.device), self.state).cpu()
+        return gathered[torch.isfinite(gathered)]
 
     # --- held-out evaluation -------------------------------------------------------------------
     def _eval_due(self) -> bool:
