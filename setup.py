@@ -25,11 +25,23 @@ def _extension_kwargs():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/grouped_noise.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.13,
+    # whose headers warn under C++17)
+    cxx_flags = ["-O3"]
     want_cuda = os.environ.get("DANCEGRPO_FAST_CUDA", "auto")
     has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if want_cuda == "1" and not has_cuda:
         raise RuntimeError("DANCEGRPO_FAST_CUDA=1 but torch has no CUDA or nvcc (CUDA_HOME) is missing")
+    # Without TORCH_CUDA_ARCH_LIST torch compiles for the visible GPUs; with none it fails with an
+    # IndexError (PyPI's default torch is a CUDA build, so this happens on CPU-only machines too).
+    if (has_cuda and want_cuda != "0" and os.environ.get("TORCH_CUDA_ARCH_LIST", "") in ("", "native")
+            and torch.cuda.device_count() == 0):
+        if want_cuda == "1":
+            raise RuntimeError("DANCEGRPO_FAST_CUDA=1 without a visible GPU needs TORCH_CUDA_ARCH_LIST, "
+                               "e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0' (A100, H100/H200)")
+        warnings.warn("no GPU visible and TORCH_CUDA_ARCH_LIST unset: dancegrpo_fast._C is built without "
+                      "its CUDA kernel; set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0') to build it")
+        has_cuda = False
     if has_cuda and want_cuda != "0":
         ext = CUDAExtension(
             "dancegrpo_fast._C",

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "philox.h"
 
 namespace dancegrpo_fast {
@@ -42,31 +43,31 @@ bool has_cuda_support() {
 int64_t checked_numel(const std::vector<int64_t>& shape) {
   int64_t numel = 1;
   for (size_t d = 0; d < shape.size(); ++d) {
-    TORCH_CHECK(shape[d] >= 0, "grouped_noise: shape must have non-negative entries, got shape[", d,
+    DGF_CHECK(shape[d] >= 0, "grouped_noise: shape must have non-negative entries, got shape[", d,
                 "] = ", shape[d]);
     if (shape[d] == 0) {
       numel = 0;
     } else if (numel != 0) {
-      TORCH_CHECK(numel <= kMaxNumel / shape[d],
+      DGF_CHECK(numel <= kMaxNumel / shape[d],
                   "grouped_noise: shape has more than 2^31 elements per prompt (element indices are int32 "
                   "offsets)");
       numel *= shape[d];
     }
   }
-  TORCH_CHECK(numel <= kMaxNumel, "grouped_noise: shape has more than 2^31 elements per prompt");
+  DGF_CHECK(numel <= kMaxNumel, "grouped_noise: shape has more than 2^31 elements per prompt");
   return numel;
 }
 
 void check_seeds(const at::Tensor& seeds) {
-  TORCH_CHECK(seeds.defined(), "grouped_noise: seeds must be a tensor, got None");
-  TORCH_CHECK(seeds.dim() == 1, "grouped_noise: seeds must be a 1-D int64 tensor of shape (P,), got ",
+  DGF_CHECK(seeds.defined(), "grouped_noise: seeds must be a tensor, got None");
+  DGF_CHECK(seeds.dim() == 1, "grouped_noise: seeds must be a 1-D int64 tensor of shape (P,), got ",
               seeds.dim(), "-D tensor of shape ", seeds.sizes());
-  TORCH_CHECK(seeds.scalar_type() == at::kLong, "grouped_noise: seeds must have dtype int64 (torch.long), got ",
+  DGF_CHECK(seeds.scalar_type() == at::kLong, "grouped_noise: seeds must have dtype int64 (torch.long), got ",
               seeds.scalar_type());
 }
 
 void check_dtype(at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+  DGF_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "grouped_noise: dtype must be one of float32, float64, float16, bfloat16, got ", dtype);
 }
 
@@ -126,16 +127,16 @@ void grouped_noise_cpu_out(const at::Tensor& seeds, int64_t group_size, int64_t 
 // elements (its shape is not otherwise constrained) on CPU or, when built with CUDA, a CUDA device.
 void grouped_noise_out(const at::Tensor& seeds_in, int64_t group_size, at::Tensor& out) {
   check_seeds(seeds_in);
-  TORCH_CHECK(group_size >= 1, "grouped_noise: group_size must be >= 1, got ", group_size);
-  TORCH_CHECK(out.defined(), "grouped_noise: out must be a tensor");
-  TORCH_CHECK(out.is_contiguous(), "grouped_noise: out must be contiguous");
+  DGF_CHECK(group_size >= 1, "grouped_noise: group_size must be >= 1, got ", group_size);
+  DGF_CHECK(out.defined(), "grouped_noise: out must be a tensor");
+  DGF_CHECK(out.is_contiguous(), "grouped_noise: out must be contiguous");
   check_dtype(out.scalar_type());
   const int64_t num_prompts = seeds_in.size(0);
   const int64_t rows = num_prompts * group_size;
-  TORCH_CHECK(out.dim() >= 1 && out.size(0) == rows, "grouped_noise: out must have first dimension P * group_size = ",
+  DGF_CHECK(out.dim() >= 1 && out.size(0) == rows, "grouped_noise: out must have first dimension P * group_size = ",
               rows, ", got shape ", out.sizes());
   const int64_t numel = rows == 0 ? 0 : out.numel() / rows;
-  TORCH_CHECK(numel <= kMaxNumel, "grouped_noise: more than 2^31 elements per prompt");
+  DGF_CHECK(numel <= kMaxNumel, "grouped_noise: more than 2^31 elements per prompt");
   if (out.numel() == 0) return;
 
   if (out.device().is_cpu()) {
@@ -146,25 +147,25 @@ void grouped_noise_out(const at::Tensor& seeds_in, int64_t group_size, at::Tenso
     at::Tensor seeds = seeds_in.to(out.device()).contiguous();
     grouped_noise_cuda_out(seeds, group_size, numel, out);
 #else
-    TORCH_CHECK(false, "grouped_noise: device='", out.device().str(),
+    DGF_CHECK(false, "grouped_noise: device='", out.device().str(),
                 "' requested but dancegrpo_fast._C was built without CUDA support (torch without CUDA or nvcc "
                 "missing at build time); use the PyTorch fallback or rebuild with "
                 "`pip install --no-build-isolation -e .` on a machine with a CUDA torch and nvcc");
 #endif
   } else {
-    TORCH_CHECK(false, "grouped_noise: device must be cpu or cuda, got '", out.device().str(), "'");
+    DGF_CHECK(false, "grouped_noise: device must be cpu or cuda, got '", out.device().str(), "'");
   }
 }
 
 at::Tensor grouped_noise(const at::Tensor& seeds, int64_t group_size, const std::vector<int64_t>& shape,
                          at::ScalarType dtype, at::Device device) {
   check_seeds(seeds);
-  TORCH_CHECK(group_size >= 1, "grouped_noise: group_size must be >= 1, got ", group_size);
+  DGF_CHECK(group_size >= 1, "grouped_noise: group_size must be >= 1, got ", group_size);
   check_dtype(dtype);
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), "grouped_noise: device must be cpu or cuda, got '",
+  DGF_CHECK(device.is_cpu() || device.is_cuda(), "grouped_noise: device must be cpu or cuda, got '",
               device.str(), "'");
 #ifndef WITH_CUDA
-  TORCH_CHECK(!device.is_cuda(), "grouped_noise: device='", device.str(),
+  DGF_CHECK(!device.is_cuda(), "grouped_noise: device='", device.str(),
               "' requested but dancegrpo_fast._C was built without CUDA support (torch without CUDA or nvcc "
               "missing at build time); use the PyTorch fallback or rebuild with "
               "`pip install --no-build-isolation -e .` on a machine with a CUDA torch and nvcc");
@@ -181,7 +182,7 @@ at::Tensor grouped_noise(const at::Tensor& seeds, int64_t group_size, const std:
 
 // Scalar reference, for tests: normal(seed, j).
 double philox_normal_scalar(int64_t seed, int64_t j) {
-  TORCH_CHECK(j >= 0 && j < kMaxNumel, "philox_normal_scalar: j must be in [0, 2^31), got ", j);
+  DGF_CHECK(j >= 0 && j < kMaxNumel, "philox_normal_scalar: j must be in [0, 2^31), got ", j);
   return static_cast<double>(philox::normal(static_cast<uint64_t>(seed), static_cast<uint32_t>(j)));
 }
 

@@ -24,7 +24,8 @@ NOISE_SEEDED = 1
 NOISE_NONE = 2  # deterministic step: x' = mu
 
 
-@triton.jit
+# Per-row scalars, the partial sums and the chunk count are not specialized (see step_loss.py).
+@triton.jit(do_not_specialize=["seed_ptr", "a_ptr", "b_ptr", "s_ptr", "sq_ptr", "NUM_CHUNKS"])
 def _sde_step_kernel(v_ptr, x_ptr, noise_ptr, seed_ptr, a_ptr, b_ptr, s_ptr, out_ptr, sq_ptr,
                      N, CHUNK, NUM_CHUNKS,
                      NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr):

@@ -26,7 +26,7 @@ from . import chunking
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 BLOCK = 1024
 FINISH_BLOCK_B = 64
-FINISH_BLOCK_C = 32
+FINISH_BLOCK_C = 16
 
 
 def target_programs(device: torch.device, batch: int) -> int:
@@ -37,7 +37,12 @@ def target_programs(device: torch.device, batch: int) -> int:
     return 4 * batch
 
 
-@triton.jit
+# Arguments read or written once per program (per-row coefficients and scales, the per-chunk
+# partial sums, the tiny per-row outputs) and the chunk count that only indexes them are not
+# specialized: their alignment (views of one small buffer shift with B) or divisibility (by
+# resolution) would only multiply compiled variants; the streamed tensors, N and CHUNK are, which
+# is what gives 128-bit loads (tests/test_kernels_compile.py).
+@triton.jit(do_not_specialize=["a_ptr", "b_ptr", "sq_ptr", "klsq_ptr", "NUM_CHUNKS"])
 def _partials_kernel(v_ptr, x_ptr, xn_ptr, vref_ptr, a_ptr, b_ptr, sq_ptr, klsq_ptr,
                      N, CHUNK, NUM_CHUNKS,
                      HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
@@ -66,7 +71,8 @@ def _partials_kernel(v_ptr, x_ptr, xn_ptr, vref_ptr, a_ptr, b_ptr, sq_ptr, klsq_
         tl.store(klsq_ptr + row * NUM_CHUNKS + chunk, tl.sum(acc_kl, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["b_ptr", "s_ptr", "old_ptr", "adv_ptr", "logp_ptr", "ratio_ptr",
+                               "clipped_ptr", "kl_ptr", "coef_d_ptr", "coef_kl_ptr", "loss_ptr"])
 def _finish_kernel(sq_ptr, klsq_ptr, b_ptr, s_ptr, old_ptr, adv_ptr,
                    logp_ptr, ratio_ptr, clipped_ptr, kl_ptr, coef_d_ptr, coef_kl_ptr, loss_ptr,
                    B, NUM_CHUNKS, inv_n, clip_range, adv_clip_max, kl_beta,
@@ -77,15 +83,21 @@ def _finish_kernel(sq_ptr, klsq_ptr, b_ptr, s_ptr, old_ptr, adv_ptr,
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_mask = rows < B
-        sq = tl.zeros([BLOCK_B], dtype=tl.float32)
-        klsq = tl.zeros([BLOCK_B], dtype=tl.float32)
+        # 2-D running sums, reduced once after the loop. Reducing in every iteration let Triton 3.9
+        # order the two loop-carried sums differently from run to run, and ptxas spilled with one
+        # order on sm_90; 16-column tiles keep the variant with NUM_CHUNKS % 16 != 0 (per-element
+        # addresses) near 100 registers instead of 200 (tests/test_kernels_compile.py).
+        sq_acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        klsq_acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for c0 in range(0, NUM_CHUNKS, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             tile_mask = row_mask[:, None] & (cols[None, :] < NUM_CHUNKS)
             offs = rows[:, None] * NUM_CHUNKS + cols[None, :]
-            sq += tl.sum(tl.load(sq_ptr + offs, mask=tile_mask, other=0.0), axis=1)
+            sq_acc += tl.load(sq_ptr + offs, mask=tile_mask, other=0.0)
             if HAS_REF:
-                klsq += tl.sum(tl.load(klsq_ptr + offs, mask=tile_mask, other=0.0), axis=1)
+                klsq_acc += tl.load(klsq_ptr + offs, mask=tile_mask, other=0.0)
+        sq = tl.sum(sq_acc, axis=1)
+        klsq = tl.sum(klsq_acc, axis=1)
         s = tl.load(s_ptr + rows, mask=row_mask, other=1.0)
         bcoef = tl.load(b_ptr + rows, mask=row_mask, other=0.0)
         adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
@@ -122,7 +134,7 @@ def _finish_kernel(sq_ptr, klsq_ptr, b_ptr, s_ptr, old_ptr, adv_ptr,
     tl.store(loss_ptr, tl.sum(total, axis=0) * inv_b)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_ptr", "a_ptr", "b_ptr", "coef_d_ptr", "coef_kl_ptr"])
 def _grad_kernel(scale_ptr, v_ptr, x_ptr, xn_ptr, vref_ptr, a_ptr, b_ptr, coef_d_ptr, coef_kl_ptr,
                  grad_ptr, N, CHUNK,
                  HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
