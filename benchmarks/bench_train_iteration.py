@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dancegrpo_fast import grpo, sde  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
+from dancegrpo_fast.rollout import autocast_context  # noqa: E402
 from dancegrpo_fast.sde import flow_sigmas  # noqa: E402
 from dancegrpo_fast.train import Trainer, compute_advantages, score_rewards  # noqa: E402
 from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
@@ -40,46 +41,61 @@ def brightness(images, prompts):
     return images.float().mean(dim=tuple(range(1, images.dim())))
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that host clocks time what ran (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def reference_iteration(trainer: Trainer) -> dict:
-    """The reference loop structure: batch size 1 everywhere, unfused step and loss."""
-    c, policy, schedule = trainer.config, trainer.policy, trainer.schedule
+    """The reference loop structure: batch size 1 everywhere, unfused step and loss.
+
+    Runs on the trainer's device with the trainer's autocast, so that only the loop shape and the
+    fused ops differ from `Trainer.train_iteration`."""
+    c, policy, schedule, device = trainer.config, trainer.policy, trainer.schedule, trainer.device
     sigmas = flow_sigmas(c.num_steps, c.shift, dtype=torch.float64)
     prompts, _ = trainer.prompts.take(c.prompts_per_rank)
     cond_p = policy.encode(prompts)
-    generator = torch.Generator().manual_seed(trainer.iteration)
+    generator = torch.Generator(device=device).manual_seed(trainer.iteration)
+    order_generator = torch.Generator().manual_seed(trainer.iteration)
     shape = tuple(policy.latent_shape())
+    synchronize(device)
     start = time.perf_counter()
     samples = []
     with torch.no_grad():
         for p in range(len(prompts)):
-            initial = torch.randn((1,) + shape, generator=generator)
+            initial = torch.randn((1,) + shape, generator=generator, device=device)
             cond = {k: v[p:p + 1] for k, v in cond_p.items()}
             for _ in range(c.group_size):
                 x = initial.clone()
                 latents, log_probs = [x], []
                 for i in range(c.num_steps):
-                    v = policy.predict(x, torch.tensor([i]), cond, schedule)
+                    with autocast_context(device, c.mixed_precision):
+                        v = policy.predict(x, torch.tensor([i]), cond, schedule)
                     out = sde.dance_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), c.eta, generator=generator)
                     x = out.prev_sample
                     latents.append(x)
                     log_probs.append(out.log_prob)
                 samples.append((p, latents, log_probs))
         images = torch.cat([policy.decode(s[1][-1]) for s in samples])
+    synchronize(device)
     rollout_seconds = time.perf_counter() - start
     start = time.perf_counter()
     scores = score_rewards(trainer.rewards, images, [prompts[s[0]] for s in samples])
     reward_seconds = time.perf_counter() - start
     advantages, _ = compute_advantages(scores, {e.name: e.weight for e in trainer.rewards}, c.group_size, "group",
                                        trainer.state)
+    advantages = advantages.to(device)
     start = time.perf_counter()
     count = c.trained_timesteps()
     accumulation = len(samples)  # one optimizer step per iteration, as the trainer's settings
     trainable = torch.tensor(c.trainable_steps())
     for k, (p, latents, log_probs) in enumerate(samples):
         cond = {key: v[p:p + 1] for key, v in cond_p.items()}
-        chosen = trainable[torch.randperm(len(trainable), generator=generator)[:count]]
+        chosen = trainable[torch.randperm(len(trainable), generator=order_generator)[:count]]
         for i in chosen.tolist():
-            v = policy.predict(latents[i], torch.tensor([i]), cond, schedule)
+            with autocast_context(device, c.mixed_precision):
+                v = policy.predict(latents[i], torch.tensor([i]), cond, schedule)
             out = sde.dance_step(v, latents[i], float(sigmas[i]), float(sigmas[i + 1]), c.eta,
                                  prev_sample=latents[i + 1])
             loss = grpo.grpo_loss(out.log_prob, log_probs[i], advantages[k:k + 1], c.clip_range, c.adv_clip_max)
@@ -87,6 +103,7 @@ def reference_iteration(trainer: Trainer) -> dict:
     torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, c.max_grad_norm)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
     update_seconds = time.perf_counter() - start
     return {"seconds_rollout": rollout_seconds, "seconds_reward": reward_seconds, "seconds_update": update_seconds}
 

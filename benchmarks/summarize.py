@@ -1,10 +1,13 @@
-"""Print a short table from a step_loss_<device>.json written by the benchmarks."""
+"""Print a short table from a step_loss_<device>.json or flux_iteration_<device>.json written by the
+benchmarks."""
 import json
 import sys
 
 
 def main(path):
     data = json.load(open(path))
+    if data.get("benchmark") == "flux_iteration":
+        return flux_iteration(data)
     print(f"device: {data['device']}   date: {data['date']}")
     if "copy_bandwidth_GBps" in data["results"]:
         print(f"measured copy bandwidth: {data['results']['copy_bandwidth_GBps']:.0f} GB/s")
@@ -26,5 +29,21 @@ def main(path):
                   f"{100 * f['kernel_fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
 
 
+def flux_iteration(data):
+    model = data["model"]
+    print(f"device: {data['device']}   date: {data['date']}   transformer: {model['transformer']}, "
+          f"{model['parameters'] / 1e9:.2f} B parameters, LoRA rank {model['lora_rank']} "
+          f"({model['trainable_parameters_lora'] / 1e6:.1f} M trainable)")
+    s = data["settings"]
+    print(f"settings: {s['height']}x{s['width']}, {s['num_steps']} steps, G={s['group_size']}, "
+          f"{data['trained_steps_per_sample']} trained steps per sample")
+    print(f"{'variant':16s} {'rollout s':>10s} {'update s':>9s} {'total s':>8s} {'peak GiB':>9s} {'x reference':>11s}")
+    for name, r in data["results"].items():
+        x = data["speedup_vs_reference_loop"].get(name, {}).get("total", 1.0)
+        print(f"{name:16s} {r['seconds_rollout']:10.2f} {r['seconds_update']:9.2f} {r['seconds_total']:8.2f} "
+              f"{r.get('peak_memory_GiB', float('nan')):9.1f} {x:11.2f}")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+

@@ -55,9 +55,24 @@ def test_fused_step_loss_cuda(shape, dtype, with_ref):
     assert torch.isfinite(v1.grad).all()
     assert math.isclose(float(out.loss.detach()), float(loss), rel_tol=1e-4, abs_tol=1e-5)
     assert torch.allclose(out.log_prob.double(), lp, rtol=1e-5, atol=2e-4)
+    assert_gradient_close(v1.grad, v64.grad, dtype)
+
+
+def assert_gradient_close(grad: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    """grad (dtype) against the float64 reference gradient.
+
+    Two things a plain relative error gets wrong (both seen on an H200): when every sample takes
+    the clipped branch the gradient is exactly zero (0/0 = NaN), and a float16 gradient of this
+    loss is mostly subnormal (|dL/dv| ~ 1e-6 < 6.1e-5), so even the exact gradient rounded to
+    float16 is off by several percent. The bar is therefore that rounding plus `tol`."""
+    if not reference.any():
+        assert not grad.any(), "the reference gradient is zero (all samples clipped) but the kernel's is not"
+        return
+    norm = reference.norm()
+    rounding = float((reference.to(dtype).double() - reference).norm() / norm)
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    err = float((v1.grad.double() - v64.grad).norm() / v64.grad.norm())
-    assert err < tol
+    err = float((grad.double() - reference).norm() / norm)
+    assert err < 2 * rounding + tol, f"relative error {err:.3g}, rounding to {dtype} alone {rounding:.3g}"
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])

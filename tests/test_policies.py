@@ -142,3 +142,23 @@ def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
         loaded = type(policy.model).from_pretrained(str(checkpoint / "model" / policy.model_component))
         trained = policy.model.state_dict()
         assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
+
+
+def test_native_attention_on_cuda_turns_cudnn_sdpa_off():
+    """cuDNN's SDPA backward failed on a full-size FLUX step (H200, torch 2.11): a CUDA policy
+    with the native backend must leave SDPA to flash / memory-efficient attention; a CPU policy
+    leaves the process's flags alone. Needs no GPU: the flags are plain settings."""
+    from types import SimpleNamespace
+
+    from dancegrpo_fast.policies.base import Policy
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        Policy.set_attention_backend(SimpleNamespace(device=torch.device("cpu"), model=None), "native")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        Policy.set_attention_backend(SimpleNamespace(device=torch.device("cuda", 0), model=None), "native")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

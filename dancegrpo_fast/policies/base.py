@@ -220,6 +220,8 @@ class Policy(abc.ABC):
 
     def set_attention_backend(self, backend: str) -> None:
         if backend in ("native", "sdpa", "", None):
+            if self.device.type == "cuda":
+                avoid_cudnn_attention()
             return
         try:
             self.model.set_attention_backend(backend)
@@ -307,6 +309,16 @@ class Policy(abc.ABC):
     def save_lora(self, folder, state_dict) -> None:
         """Write LoRA weights so that `pipeline.load_lora_weights(folder)` loads them."""
         self._pipeline_class().save_lora_weights(str(folder), **{self.lora_layers_argument: state_dict})
+
+
+def avoid_cudnn_attention() -> None:
+    """PyTorch SDPA without its cuDNN backend (it then picks flash or memory-efficient attention).
+
+    Why: on an H200 with torch 2.11 + CUDA 13.0 the cuDNN attention backward of a full-size FLUX
+    training step (720px, bf16 autocast, gradient checkpointing, LoRA) failed with
+    "mha_graph.execute(...).is_good()", and the same step ran with cuDNN attention off
+    (benchmarks/results/gpu_h200/). The setting is process-wide, as SDPA's backend flags are."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def to_unit_range(decoded: Tensor) -> Tensor:
