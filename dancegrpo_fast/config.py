@@ -76,6 +76,7 @@ class TrainConfig:
     advantage: str = field(default="group", metadata={"help": "group (per prompt) or global (all ranks' rewards)"})
     kl_beta: float = field(default=0.0, metadata={"help": "KL weight to the reference policy (base model / LoRA disabled); 0 = off"})
     rewards: List[RewardSpec] = field(default_factory=list, metadata={"help": "rewards as name:weight,name:weight (kwargs via YAML)"})
+    max_skipped_group_fraction: float = field(default=1.0, metadata={"help": "stop the run with an error when at least this fraction of an iteration's groups (over all ranks) has a NaN/inf reward; fewer are skipped and counted. 1.0 = only when every group is unusable"})
     # --- optimisation ------------------------------------------------------------------------
     num_iterations: int = field(default=300, metadata={"help": "iterations (rollout + update) to run"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
@@ -168,6 +169,9 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
         need(self.eta >= 0, f"eta must be >= 0, got {self.eta!r}")
         need(self.kl_beta >= 0, f"kl_beta must be >= 0, got {self.kl_beta!r}")
+        need(0 < self.max_skipped_group_fraction <= 1,
+             f"max_skipped_group_fraction must lie in (0, 1] (the fraction of an iteration's groups with NaN/inf "
+             f"rewards that stops the run), got {self.max_skipped_group_fraction!r}")
         need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
         for name in ("eval_every", "eval_num_prompts", "threads"):

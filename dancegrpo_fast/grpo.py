@@ -26,6 +26,14 @@ def check_rewards(rewards: Tensor, name: str = "rewards") -> Tensor:
     return rewards
 
 
+def too_many_unusable(unusable: int, total: int, max_fraction: float) -> bool:
+    """Whether `unusable` of `total` groups (NaN/inf rewards) reach `max_fraction` of them, with a
+    little slack for float rounding (0.3 of 10 groups is 3 groups, not 3.0000000000000004)."""
+    if total < 1:
+        raise ValueError(f"total must be >= 1 group, got {total!r}")
+    return unusable > 0 and unusable >= max_fraction * total - 1e-9
+
+
 def check_group_size(group_size: int, batch_size: int) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise ValueError(f"group_size must be an integer >= 2 (GRPO compares samples of one "

@@ -30,12 +30,14 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import CheckpointError, Lineage, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig, config_to_yaml, parse_config
 from .distributed import (DistributedState, all_gather, all_reduce_sum, cleanup, gradient_sync, init_distributed,
                           wrap_model)
 from .evaluation import evaluate_policy
+from .grpo import too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
+from .output_lock import lock_output_dir
 from .policies import ModelLoadError, Policy, build_policy
 from .rollout import autocast_context, decode_trajectory, mix_seed, prompt_seeds, rollout, sample_seeds
 from .trajectory import Trajectory
@@ -262,9 +264,13 @@ class Trainer:
                                           num_training_steps=config.num_iterations * steps_per_iteration)
         self.iteration = 0
         self.skipped_groups_total = 0
+        # One run per output folder: taken before anything is written there (released at the end
+        # of train(), or when the process ends).
+        self._output_lock = lock_output_dir(config.output_dir, self.state)
         self.logger = MetricsLogger(config.output_dir, enabled=self.state.is_main, tensorboard=config.tensorboard)
         self._stop_requested = False
         resume_path = resolve_resume(config.resume, config.output_dir)
+        self.lineage = Lineage.start(resume_path)  # recorded in every checkpoint this run writes
         if resume_path is not None:
             self._resume(resume_path)
         if self.state.is_main:
@@ -344,7 +350,8 @@ class Trainer:
     def save(self) -> Path:
         extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total}
         return save_checkpoint(self.config.output_dir, self.iteration, self.policy, self.optimizer, self.lr_scheduler,
-                               self.config, extra, self.state, ema=self.ema, keep=self.config.keep_checkpoints)
+                               self.config, extra, self.state, ema=self.ema, keep=self.config.keep_checkpoints,
+                               lineage=self.lineage)
 
     # --- one iteration -------------------------------------------------------------------------
     def collect(self, on_batch=None) -> Trajectory:
@@ -526,6 +533,14 @@ class Trainer:
         reward_scores = {entry.name: scores[entry.name] for entry in self.rewards}
         advantages, valid = compute_advantages(reward_scores, weights, c.group_size, c.advantage, s)
         skipped = int(all_reduce_sum(torch.tensor([(~valid).sum().item() // c.group_size]), s).item())
+        total_groups = c.prompts_per_rank * s.world_size
+        if too_many_unusable(skipped, total_groups, c.max_skipped_group_fraction):
+            unusable = [name for name, value in reward_scores.items() if not bool(torch.isfinite(value).all())]
+            which = (f"reward{'s' if len(unusable) > 1 else ''} {', '.join(map(repr, unusable))}" if unusable
+                     else "on other ranks")
+            raise RewardError(f"iteration {self.iteration + 1}: {skipped} of {total_groups} groups have NaN/inf rewards "
+                              f"({which}), at least max_skipped_group_fraction={c.max_skipped_group_fraction:g} of "
+                              f"the iteration's groups: stopping (no checkpoint of this iteration is written)")
         if skipped:
             self.skipped_groups_total += skipped
             if s.is_main:
@@ -554,6 +569,7 @@ class Trainer:
                     "clip_fraction": stats.clip_fraction, "kl": stats.kl, "grad_norm": stats.grad_norm,
                     "log_prob_gap": stats.log_prob_gap, "lr": self.lr_scheduler.get_last_lr()[0],
                     "optimizer_steps": stats.optimizer_steps, "skipped_groups": skipped,
+                    "skipped_groups_total": self.skipped_groups_total,
                     "seconds_rollout": rollout_seconds, "seconds_reward": reward_seconds,
                     "seconds_update": update_seconds,
                     "samples_per_second": c.samples_per_rank * s.world_size / max(total_seconds, 1e-9)})
@@ -706,7 +722,8 @@ class Trainer:
                 rows.append(row)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{row['loss']:.4g}", reward=f"{_first_reward(row):.4g}")
+                    progress.set_postfix(loss=f"{row['loss']:.4g}", reward=f"{_first_reward(row):.4g}",
+                                         skipped=self.skipped_groups_total)
                 if self.iteration % c.checkpoint_every == 0:
                     self.save()
                     last_saved = self.iteration
@@ -725,6 +742,8 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.logger.close()
+            if self._output_lock is not None:
+                self._output_lock.release()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return rows

@@ -102,3 +102,19 @@ def test_registry_binary_and_speed():
 def test_bad_prompt_names_it():
     with pytest.raises(task.PromptParseError, match="hexagon"):
         TinyGenEvalReward()(torch.zeros(1, 3, 32, 32), ["a red hexagon"])
+
+
+def test_parsed_prompt_cache_is_bounded():
+    """Behind the reward server every client's prompts reach this cache: it must not grow without
+    bound, and a prompt used again stays cached."""
+    from dancegrpo_fast.tiny.reward import TinyGenEvalReward
+
+    reward = TinyGenEvalReward()
+    reward.SCENE_CACHE_SIZE = 3
+    prompts = ["a red circle", "a blue square", "a green triangle", "two red circles", "a blue circle"]
+    for prompt in prompts[:3]:
+        reward._scene(prompt)
+    reward._scene(prompts[0])  # used again: now the most recent
+    for prompt in prompts[3:]:
+        reward._scene(prompt)
+    assert list(reward._scenes) == [prompts[0], prompts[3], prompts[4]]

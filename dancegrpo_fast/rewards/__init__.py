@@ -14,6 +14,7 @@ from .base import (
     combine_advantages,
     register_reward,
     validate_inputs,
+    validate_layout,
 )
 from .clip_models import AestheticHead, AestheticReward, CLIPScoreReward, ImageTextSimilarityReward, PickScoreReward
 from .hps import HPSv2Reward, OpenCLIPConfig, OpenCLIPModel
@@ -30,7 +31,8 @@ from .rule_based import (
 
 __all__ = [
     "Reward", "RewardInputError", "WeightedRewards", "available_rewards", "build_reward", "combine_advantages",
-    "register_reward", "validate_inputs", "ImageTextSimilarityReward", "CLIPScoreReward", "PickScoreReward",
+    "register_reward", "validate_inputs", "validate_layout", "ImageTextSimilarityReward", "CLIPScoreReward",
+    "PickScoreReward",
     "AestheticReward", "AestheticHead", "HPSv2Reward", "OpenCLIPConfig", "OpenCLIPModel", "AsyncRewardPool",
     "ImagePreprocess", "RemoteReward", "RemoteRewardError", "BinaryReward", "FrameMeanReward",
     "JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb",

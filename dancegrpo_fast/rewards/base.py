@@ -5,7 +5,7 @@ A reward maps a batch of images (or videos) and their prompts to one float score
     images  (B, 3, H, W) float in [0, 1]      (the decoded VAE output after (x + 1) / 2 and clamp)
     videos  (B, T, 3, H, W) float in [0, 1]
     prompts list of B strings, prompts[i] belongs to images[i]
-    ->      scores (B,) float32 on the CPU
+    ->      scores (B,) float32 on the CPU (NaN where a sample cannot be scored)
 
 Every reward validates its inputs the same way, splits the batch into chunks of `batch_size` and
 moves the chunks to its device; a subclass only implements `_score` on one valid chunk.
@@ -27,6 +27,7 @@ __all__ = [
     "Reward",
     "RewardInputError",
     "validate_inputs",
+    "validate_layout",
     "register_reward",
     "build_reward",
     "available_rewards",
@@ -43,12 +44,51 @@ class RewardInputError(ValueError):
     """Bad images or prompts given to a reward (wrong rank, shape, count, range, NaN)."""
 
 
+def validate_layout(shape: Sequence[int], prompts: Any, modality: str = "image") -> None:
+    """Check the shape of a reward's images and their prompts, without looking at the values
+    (the reward server checks requests this way before it converts them to float).
+
+    modality "image" expects (B, 3, H, W); "video" (B, T, 3, H, W) with T >= 1; H and W >= 1
+    when B >= 1; `prompts` a list of B strings (None skips the prompt checks). Raises
+    `RewardInputError` (or TypeError) naming the bad argument.
+    """
+    shape = tuple(int(n) for n in shape)
+    if modality == "image":
+        if len(shape) != 4 or shape[1] != 3:
+            hint = ""
+            if len(shape) == 5:
+                hint = " (this is a video batch: wrap the image reward in FrameMeanReward)"
+            raise RewardInputError(f"images must have shape (B, 3, H, W), got {shape}{hint}")
+    elif modality == "video":
+        if len(shape) != 5 or shape[2] != 3:
+            raise RewardInputError(f"videos must have shape (B, T, 3, H, W), got images of shape {shape}")
+        if shape[1] == 0:
+            raise RewardInputError("videos must have at least one frame (T >= 1), got T = 0")
+    else:
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+    # An empty side gives every model reward a division by zero or an empty resize deep inside;
+    # it is the caller's input that is wrong, so say so here.
+    if shape[0] > 0 and (shape[-2] < 1 or shape[-1] < 1):
+        raise RewardInputError(f"images must have H >= 1 and W >= 1, got shape {shape}")
+    if prompts is not None:
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        if len(prompts) != shape[0]:
+            raise RewardInputError(
+                f"len(prompts) must equal the batch size B = images.shape[0] = {shape[0]}, "
+                f"got {len(prompts)} prompts"
+            )
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{index}] must be a str, got {type(prompt).__name__}")
+
+
 def validate_inputs(images: Any, prompts: Any, modality: str = "image") -> None:
     """Check a reward's inputs; raise `RewardInputError` (or TypeError) naming the bad argument.
 
     modality "image" expects images (B, 3, H, W); "video" expects (B, T, 3, H, W); both float with
-    values in [0, 1] (up to a 1e-3 tolerance), no NaN/Inf, and `prompts` a list of B strings
-    (None skips the prompt checks).
+    values in [0, 1] (up to a 1e-3 tolerance), no NaN/Inf, H and W >= 1, and `prompts` a list of B
+    strings (None skips the prompt checks).
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -56,34 +96,7 @@ def validate_inputs(images: Any, prompts: Any, modality: str = "image") -> None:
         raise TypeError(
             f"images must be a floating-point tensor with values in [0, 1], got dtype {images.dtype}"
         )
-    if modality == "image":
-        if images.dim() != 4 or images.shape[1] != 3:
-            hint = ""
-            if images.dim() == 5:
-                hint = " (this is a video batch: wrap the image reward in FrameMeanReward)"
-            raise RewardInputError(
-                f"images must have shape (B, 3, H, W), got {tuple(images.shape)}{hint}"
-            )
-    elif modality == "video":
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise RewardInputError(
-                f"videos must have shape (B, T, 3, H, W), got images of shape {tuple(images.shape)}"
-            )
-        if images.shape[1] == 0:
-            raise RewardInputError("videos must have at least one frame (T >= 1), got T = 0")
-    else:
-        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
-    if prompts is not None:
-        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-        if len(prompts) != images.shape[0]:
-            raise RewardInputError(
-                f"len(prompts) must equal the batch size B = images.shape[0] = {images.shape[0]}, "
-                f"got {len(prompts)} prompts"
-            )
-        for index, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompts[{index}] must be a str, got {type(prompt).__name__}")
+    validate_layout(images.shape, prompts, modality)
     if images.numel() == 0:
         return
     finite = torch.isfinite(images)
@@ -124,7 +137,8 @@ class Reward(abc.ABC):
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score a batch. images (B, 3, H, W) or, for video rewards, (B, T, 3, H, W), float in
-        [0, 1]; prompts: B strings. Returns (B,) float32 on the CPU."""
+        [0, 1]; prompts: B strings. Returns (B,) float32 on the CPU; a sample the reward cannot
+        score may be NaN (or +-inf)."""
         validate_inputs(images, prompts, self.modality)
         prompts = list(prompts)
         batch = images.shape[0]
@@ -144,10 +158,10 @@ class Reward(abc.ABC):
                         f"{part.shape[0]} samples"
                     )
                 outputs.append(scores.to(device="cpu", dtype=torch.float32))
-        result = torch.cat(outputs)
-        if not bool(torch.isfinite(result).all()):
-            raise RuntimeError(f"reward {self.name!r} produced non-finite scores: {result.tolist()}")
-        return result
+        # NaN or +-inf scores are returned as they are: a judge that cannot score one sample
+        # should not throw away the batch. The trainer skips the groups that hold them (and
+        # stops when too many do: TrainConfig.max_skipped_group_fraction).
+        return torch.cat(outputs)
 
     def describe(self) -> Dict[str, Any]:
         """A small JSON-able description (used by the reward server's health endpoint)."""

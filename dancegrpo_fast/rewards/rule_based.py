@@ -75,7 +75,8 @@ def _resolve_inner(reward: Union[str, Reward], reward_kwargs: Optional[Mapping[s
 
 @register_reward("binary")
 class BinaryReward(Reward):
-    """1.0 where the wrapped reward's score > threshold, else 0.0 (DanceGRPO's binary-reward runs).
+    """1.0 where the wrapped reward's score > threshold, else 0.0 (DanceGRPO's binary-reward runs);
+    NaN where the wrapped reward has no finite score.
 
     reward: a Reward, or the registered name of one built with reward_kwargs."""
 
@@ -87,8 +88,14 @@ class BinaryReward(Reward):
         self.name = f"binary_{self.inner.name}"
         self.modality = self.inner.modality
 
+    def _binarize(self, scores: torch.Tensor) -> torch.Tensor:
+        # A sample the wrapped reward could not score (NaN/inf) stays NaN: turning it into a 0
+        # (or a 1 for +inf) would look like a real judgement, and the trainer skips NaN groups.
+        binary = (scores > self.threshold).to(torch.float32)
+        return torch.where(torch.isfinite(scores), binary, torch.full_like(binary, float("nan")))
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return (self.inner(images, prompts) > self.threshold).to(torch.float32)
+        return self._binarize(self.inner(images, prompts))
 
     def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         return self(images, prompts)
@@ -106,7 +113,7 @@ class BinaryReward(Reward):
             parts = dict(inner(images, prompts))
             score = parts["score"]
             parts["inner_score"] = score
-            parts["score"] = (score > self.threshold).to(torch.float32)
+            parts["score"] = self._binarize(score)
             return parts
 
         return criteria

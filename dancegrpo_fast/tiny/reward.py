@@ -30,6 +30,7 @@ Registered as "tiny_geneval"; "tiny_geneval_binary" is 1 when the score exceeds 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -170,12 +171,20 @@ class TinyGenEvalReward(Reward):
         self.color_tolerance = float(color_tolerance)
         self.min_area = min_area
         self.position_margin = float(position_margin)
-        self._scenes: Dict[str, Scene] = {}
+        # Parsed prompts, least recently used first. Bounded: behind the reward server every
+        # client's prompts land here.
+        self._scenes: "OrderedDict[str, Scene]" = OrderedDict()
+
+    SCENE_CACHE_SIZE = 4096
 
     def _scene(self, prompt: str) -> Scene:
         scene = self._scenes.get(prompt)
-        if scene is None:
-            scene = self._scenes[prompt] = parse_prompt(prompt)  # PromptParseError names the prompt
+        if scene is not None:
+            self._scenes.move_to_end(prompt)
+            return scene
+        scene = self._scenes[prompt] = parse_prompt(prompt)  # PromptParseError names the prompt
+        while len(self._scenes) > self.SCENE_CACHE_SIZE:
+            self._scenes.popitem(last=False)
         return scene
 
     def _criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
