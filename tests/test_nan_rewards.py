@@ -5,12 +5,7 @@ max_skipped_group_fraction of an iteration's groups are unusable."""
 from __future__ import annotations
 
 import json
-import os
-import queue
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import unusable_rewards  # noqa: E402,F401  (registers the test rewards)
 from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
+from helpers.server_process import reward_server  # noqa: E402
 from helpers.tiny_models import write_prompts  # noqa: E402
 
 from dancegrpo_fast.config import RewardSpec, TrainConfig  # noqa: E402
@@ -99,30 +95,8 @@ def nan_server_url(tmp_path_factory):
             "from dancegrpo_fast.rewards.serve import main; sys.exit(main())")
     command = [sys.executable, "-c", code, str(REPO / "tests"), "--reward", MARKED, "--host", "127.0.0.1",
                "--port", "0", "--max-wait-ms", "1"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
-    try:
-        lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-        url, deadline = None, time.monotonic() + 120
-        while url is None and time.monotonic() < deadline and process.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if " on http://" in line:
-                url = line.split(" on ")[1].split()[0]
-        if url is None:
-            raise RuntimeError(f"reward server did not start: {log_path.read_text()[-3000:]}")
+    with reward_server(command, log_path, env={"PYTHONPATH": str(REPO)}) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def test_the_server_returns_non_finite_scores_as_data(nan_server_url):

@@ -1,16 +1,12 @@
 """The reward server as a real subprocess, and RemoteReward against it and against dead ports."""
 
 import json
-import os
-import queue
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,8 @@ from dancegrpo_fast.rewards import CLIPScoreReward, RemoteReward, RemoteRewardEr
 from dancegrpo_fast.rewards.remote import encode_request
 from dancegrpo_fast.rewards.serve import RewardServer
 from dancegrpo_fast.rewards.testing import write_tiny_clip_folder
+from helpers.server_process import reward_server
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["the cat", "a red dog", "the sea at night", "a city in winter", "an apple", "the dog and the cat"]
 
 
@@ -37,33 +33,8 @@ def server_url(clip_folder, tmp_path_factory):
     kwargs = json.dumps({"model_path": str(clip_folder)})
     command = [sys.executable, "-m", "dancegrpo_fast.rewards.serve", "--reward", "clip", "--reward-kwargs", kwargs,
                "--host", "127.0.0.1", "--port", "0", "--max-batch", "16", "--max-wait-ms", "300"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        lines: "queue.Queue[str]" = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-        url = None
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                if process.poll() is not None:
-                    break
-                continue
-            if " on http://" in line:
-                url = line.split(" on ")[1].split()[0]
-        if url is None:
-            raise RuntimeError(f"reward server did not start: {log_path.read_text()[-3000:]}")
+    with reward_server(command, log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def _post(url, body, content_type="application/json"):
