@@ -1,7 +1,7 @@
 """Shared test set-up.
 
 Inputs are fresh random numbers on every run: the session seed is drawn from the OS (or taken
-from DANCEGRPO_TEST_SEED to replay a failure) and printed in pytest's header; each test seeds
+from DANCEGRPO_TEST_SEED to replay a failure) and printed in pytest's header and summary; each test seeds
 torch from it and its own name.
 """
 import os
@@ -18,6 +18,12 @@ SESSION_SEED = int(os.environ.get("DANCEGRPO_TEST_SEED", int.from_bytes(os.urand
 
 def pytest_report_header(config):
     return f"dancegrpo_fast test seed: {SESSION_SEED} (replay with DANCEGRPO_TEST_SEED={SESSION_SEED})"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Also at the end, where -q (scripts/test.sh) still prints: a failure can then be replayed.
+    terminalreporter.write_line(f"dancegrpo_fast test seed: {SESSION_SEED} "
+                                f"(replay with DANCEGRPO_TEST_SEED={SESSION_SEED})")
 
 
 @pytest.fixture(autouse=True)
