@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import signal
 import sys
 import time
@@ -756,14 +757,44 @@ def _first_reward(row: Dict) -> float:
     return float("nan")
 
 
+def check_before_loading(config: TrainConfig) -> None:
+    """Configuration errors a run would otherwise meet only after minutes of loading: reward
+    names the registry does not know, a model folder that does not exist."""
+    from .rewards import available_rewards
+
+    known = available_rewards()
+    unknown = [spec.name for spec in config.rewards if spec.name not in known]
+    if unknown:
+        raise ValueError(f"rewards: unknown reward name(s) {unknown}; known: {known} (a reward of your own "
+                         f"is registered with dancegrpo_fast.rewards.register_reward)")
+    if config.model_path and not Path(config.model_path).is_dir():
+        raise ValueError(f"model_path {config.model_path!r} does not exist or is not a folder (expected a local "
+                         f"{config.model_family} checkpoint in the diffusers layout)")
+
+
+# Errors that are the user's to fix: one line and exit code 2, no traceback (DEBUG_ENV=1 shows it).
+USER_ERRORS = (CheckpointError, RewardError, ModelLoadError, ValueError, FileNotFoundError)
+DEBUG_ENV = "DANCEGRPO_DEBUG"
+
+
+def _user_error(error: BaseException) -> int:
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        raise error
+    print(f"error: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+        check_before_loading(config)
+    except USER_ERRORS as error:
+        return _user_error(error)
     state = init_distributed()
     try:
         Trainer(config, state=state).train()
-    except (CheckpointError, RewardError, ModelLoadError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return _user_error(error)
     finally:
         cleanup(state)
     return 0
