@@ -68,7 +68,8 @@ def run_one(setting: str, seed: int, iterations: int, out_root: Path, binary_yam
     args = [a.format(binary_yaml=binary_yaml) for a in SETTINGS[setting]]
     command = [sys.executable, "-m", "dancegrpo_fast.train", "--preset", "tiny", *args, "--seed", str(seed),
                "--num_iterations", str(iterations), "--output_dir", str(out), "--threads", "1",
-               "--progress_bar", "false", "--tensorboard", "false", "--checkpoint_every", str(iterations)]
+               "--progress_bar", "false", "--tensorboard", "false", "--checkpoint_every", str(iterations),
+               "--overwrite", "true"]  # a rerun with the same --runs-dir redoes its own runs
     env = dict(os.environ, DANCEGRPO_FAST_BACKEND=os.environ.get("DANCEGRPO_FAST_BACKEND", "torch"))
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -97,6 +97,7 @@ class TrainConfig:
     # --- checkpoints and logging -------------------------------------------------------------
     checkpoint_every: int = field(default=10, metadata={"help": "write a checkpoint every K iterations (and at exit)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (newest)"})
+    overwrite: bool = field(default=False, metadata={"help": "a fresh run into an output_dir that holds an earlier run's files (metrics, checkpoints, pictures) first removes them; without it such a run stops"})
     resume: str = field(default="", metadata={"help": "'latest' (newest in output_dir; a fresh start when there is none), a checkpoint folder, or empty"})
     sample_every: int = field(default=0, metadata={"help": "save a sample grid every K iterations; 0 = never"})
     tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})

@@ -1,4 +1,5 @@
-"""The output-folder lock: one training run writes into an output folder at a time.
+"""One training run per output folder: the lock (one run writes there at a time) and the claim
+(a new run never writes into an earlier run's files).
 
 Two trainers in one folder would interleave their metrics.jsonl rows and overwrite each other's
 config and checkpoints. Rank 0 holds an exclusive flock on output_dir/train.lock for as long as the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -154,3 +156,33 @@ def lock_output_dir(output_dir, state: DistributedState) -> Optional[OutputDirLo
     if failure is not None:
         raise CheckpointError(failure)
     return lock
+
+
+# What a run writes into its output folder (train.lock aside): the files a new run would mix with
+# an earlier run's, and all that --overwrite removes (nothing else in the folder is touched).
+RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "samples", "tensorboard", "reward_curve.png",
+             "before_after.png")
+
+
+def claim_output_dir(output_dir, overwrite: bool, resume_asked: bool, state: DistributedState) -> None:
+    """Collective, for a run that starts fresh (nothing to resume): output_dir must not hold an
+    earlier run's files, or `overwrite` removes them first. Every rank raises the same one-line
+    CheckpointError naming the ways out."""
+    failure = None
+    if state.is_main:
+        folder = Path(output_dir)
+        found = [name for name in RUN_FILES if (folder / name).exists()]
+        if found and overwrite:
+            for name in found:
+                path = folder / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        elif found:
+            resume = "it has no checkpoint to resume: " if resume_asked else "continue it with --resume latest, or "
+            ways = resume + "choose another --output_dir, or pass --overwrite true to clear it"
+            failure = f"output_dir {str(folder)!r} holds an earlier run ({', '.join(found)}); {ways}"
+    failure = broadcast_object(failure, state)
+    if failure is not None:
+        raise CheckpointError(failure)

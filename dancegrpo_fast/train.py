@@ -38,7 +38,7 @@ from .distributed import (DistributedState, all_gather, all_reduce_sum, cleanup,
 from .evaluation import evaluate_policy
 from .grpo import too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
-from .output_lock import lock_output_dir
+from .output_lock import claim_output_dir, lock_output_dir
 from .policies import ModelLoadError, Policy, build_policy
 from .rollout import autocast_context, decode_trajectory, mix_seed, prompt_seeds, rollout, sample_seeds
 from .trajectory import Trajectory
@@ -243,6 +243,13 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.state = state or init_distributed()
         self.device = self.state.device
+        # One run per output folder, settled before anything loads: the lock keeps a second
+        # process out (released at the end of train(), or when the process ends), and a new run
+        # never writes into an earlier run's files.
+        self._output_lock = lock_output_dir(config.output_dir, self.state)
+        resume_path = resolve_resume(config.resume, config.output_dir)
+        if resume_path is None:
+            claim_output_dir(config.output_dir, config.overwrite, bool(config.resume), self.state)
         # Rank-independent: every rank must create the same LoRA initialisation (FSDP2 shards each
         # rank's own copy, it does not broadcast).
         torch.manual_seed(mix_seed(config.seed, 11))
@@ -265,12 +272,8 @@ class Trainer:
                                           num_training_steps=config.num_iterations * steps_per_iteration)
         self.iteration = 0
         self.skipped_groups_total = 0
-        # One run per output folder: taken before anything is written there (released at the end
-        # of train(), or when the process ends).
-        self._output_lock = lock_output_dir(config.output_dir, self.state)
         self.logger = MetricsLogger(config.output_dir, enabled=self.state.is_main, tensorboard=config.tensorboard)
         self._stop_requested = False
-        resume_path = resolve_resume(config.resume, config.output_dir)
         self.lineage = Lineage.start(resume_path)  # recorded in every checkpoint this run writes
         if resume_path is not None:
             self._resume(resume_path)

@@ -161,7 +161,8 @@ def test_a_save_that_hits_a_full_disk_cleans_up_and_says_so(flux_folder, tmp_pat
 def test_full_disk_on_a_small_tmpfs(flux_folder, tmp_path):
     """A real full disk: output_dir on a 256 KiB tmpfs (in a private user and mount namespace).
     The failed save says so in one line and leaves nothing behind; after the disk grows
-    (remount), `--resume latest` runs and saves."""
+    (remount), the same command runs and saves (`--resume latest --overwrite true`: the failed run
+    left metrics but no checkpoint, so there is nothing to resume and its files are cleared)."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-r", "-m", "true"],
                                                          capture_output=True).returncode != 0:
         pytest.skip("needs unshare with user and mount namespaces to mount a small tmpfs")
@@ -176,7 +177,7 @@ def test_full_disk_on_a_small_tmpfs(flux_folder, tmp_path):
 import json, os, subprocess, sys
 mount, out = {str(mount)!r}, {str(mount / 'out')!r}
 command = [sys.executable, "-m", "dancegrpo_fast.train", "--config", {str(config_file)!r},
-           "--rewards", "jpeg_compressibility:1.0", "--resume", "latest"]
+           "--rewards", "jpeg_compressibility:1.0", "--resume", "latest", "--overwrite", "true"]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mount], check=True)
 runs = []
 for size in (None, "16m"):
@@ -298,9 +299,10 @@ def test_a_second_run_in_the_same_output_folder_is_refused(flux_folder, tmp_path
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-    # The killed run's lock is stale: the next run takes it over and says so.
+    # The killed run's lock is stale: the next run takes it over and says so (and, since the killed
+    # run left files but no checkpoint, starts over with --overwrite).
     with pytest.warns(RuntimeWarning, match=rf"took over the lock of pid {process.pid}"):
-        trainer = Trainer(flux_config(flux_folder, tmp_path), rewards=REWARDS)
+        trainer = Trainer(flux_config(flux_folder, tmp_path, overwrite=True), rewards=REWARDS)
     trainer.train()
 
 
@@ -328,3 +330,35 @@ def test_lock_without_flock_uses_the_recorded_pid(tmp_path, monkeypatch):
         lock = output_lock.lock_output_dir(tmp_path, state)
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_new_run_never_writes_into_an_earlier_runs_files(tmp_path):
+    """A fresh run into a folder holding another run's files stops with the ways out; --resume
+    latest continues it; --overwrite clears only the run's own files; nothing is written before."""
+    from dancegrpo_fast.distributed import DistributedState
+
+    state = DistributedState(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    folder = tmp_path / "run"
+    output_lock.claim_output_dir(folder, overwrite=False, resume_asked=False, state=state)  # empty: fine
+    (folder / "checkpoints" / "iter_000004").mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"holds an earlier run \(metrics.jsonl, checkpoints\); continue it "
+                                              r"with --resume latest, or choose another --output_dir, or pass "
+                                              r"--overwrite true"):
+        output_lock.claim_output_dir(folder, overwrite=False, resume_asked=False, state=state)
+    with pytest.raises(CheckpointError, match="it has no checkpoint to resume"):
+        output_lock.claim_output_dir(folder, overwrite=False, resume_asked=True, state=state)
+    assert (folder / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+    output_lock.claim_output_dir(folder, overwrite=True, resume_asked=False, state=state)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_the_cli_refuses_a_second_fresh_run_before_loading(tmp_path, capsys, monkeypatch):
+    from dancegrpo_fast import train
+
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    monkeypatch.setattr(train, "build_policy", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    code = train.main(["--output_dir", str(tmp_path), "--num_iterations", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds an earlier run (metrics.jsonl)" in err and len(err.splitlines()) == 1, err

@@ -285,9 +285,9 @@ def test_eval_config_validation_and_prompt_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval_prompt_file .* does not exist"):
         Trainer(tiny_config(tmp_path, eval_prompt_file=str(tmp_path / "missing.txt")))
     custom = Trainer(tiny_config(tmp_path, eval_prompt_file=str(write_prompts(tmp_path / "e.txt", ["a red circle"] * 3)),
-                                 eval_num_prompts=0))
+                                 eval_num_prompts=0, output_dir=str(tmp_path / "custom")))
     assert custom.eval_prompts == ["a red circle"] * 3
-    assert Trainer(tiny_config(tmp_path, eval_every=0)).eval_prompts == []
+    assert Trainer(tiny_config(tmp_path, eval_every=0, output_dir=str(tmp_path / "off"))).eval_prompts == []
     from dancegrpo_fast.config import parse_config
 
     config = parse_config(["--preset", "tiny", "--eval_every", "5", "--eval_seed", "3", "--threads", "1"])
