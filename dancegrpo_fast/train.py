@@ -39,8 +39,10 @@ from .evaluation import evaluate_policy
 from .grpo import too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
 from .output_lock import claim_output_dir, lock_output_dir
+from .reports import read_metrics
 from .policies import ModelLoadError, Policy, build_policy
 from .rollout import autocast_context, decode_trajectory, mix_seed, prompt_seeds, rollout, sample_seeds
+from .run_report import progress_fields, start_block, summary_block
 from .trajectory import Trajectory
 
 
@@ -708,12 +710,18 @@ class Trainer:
                 signal.signal(sig, request_stop)
         except ValueError:  # not the main thread
             previous = {}
+        started = time.perf_counter()
+        if self.state.is_main:
+            names = [f"{entry.name}:{entry.weight:g}" for entry in self.rewards]
+            print(start_block(c, self.device, self.state.world_size, self.iteration, names,
+                              ops.resolve_backend(self.device)), flush=True)
         progress = None
         if c.progress_bar and self.state.is_main:
             from tqdm import tqdm
 
             progress = tqdm(total=c.num_iterations, initial=self.iteration, desc="DanceGRPO", dynamic_ncols=True)
         last_saved = first_iteration = self.iteration
+        last_checkpoint = None
         try:
             if self.eval_prompts and self.iteration == 0 and c.num_iterations > 0:
                 # Before the first iteration of a fresh run (not on resume): the "before" point.
@@ -726,13 +734,12 @@ class Trainer:
                 rows.append(row)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{row['loss']:.4g}", reward=f"{_first_reward(row):.4g}",
-                                         skipped=self.skipped_groups_total)
+                    progress.set_postfix(progress_fields(row, c.kl_beta > 0))
                 if self.iteration % c.checkpoint_every == 0:
-                    self.save()
+                    last_checkpoint = self.save()
                     last_saved = self.iteration
             if self.iteration != last_saved:
-                self.save()
+                last_checkpoint = self.save()
             if self.iteration > first_iteration:
                 if self.eval_prompts and self._last_eval_iteration != self.iteration:
                     # Stopped early (SIGTERM/SIGINT): the last iteration was not evaluated yet.
@@ -750,14 +757,10 @@ class Trainer:
                 self._output_lock.release()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.state.is_main:
+            print(summary_block(c, read_metrics(self.logger.path), time.perf_counter() - started, last_checkpoint,
+                                self._stop_requested), flush=True)
         return rows
-
-
-def _first_reward(row: Dict) -> float:
-    for key, value in row.items():
-        if key.startswith("reward/") and key.endswith("/mean") and value is not None:
-            return value
-    return float("nan")
 
 
 def check_before_loading(config: TrainConfig) -> None:

@@ -395,8 +395,9 @@ def test_several_rewards_and_kl(flux_folder, tmp_path):
     assert row["kl"] > 0
 
 
-def test_tiny_preset_trains_from_the_cli(tmp_path):
-    """`--preset tiny`: the shipped tiny model and its registered rule-based reward, end to end."""
+def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
+    """`--preset tiny`: the shipped tiny model and its registered rule-based reward, end to end;
+    the run says what it does at the start and what it did at the end."""
     from dancegrpo_fast.train import main
 
     prompts = REPO / "dancegrpo_fast" / "tiny" / "prompts" / "train.txt"
@@ -415,6 +416,14 @@ def test_tiny_preset_trains_from_the_cli(tmp_path):
     assert (find_latest(tmp_path / "out") / "model" / "transformer" / "config.json").is_file()
     for name in ("reward_curve.png", "before_after.png"):
         assert (tmp_path / "out" / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "DanceGRPO: tiny model from the shipped tiny weights" in printed
+    assert f"output      {tmp_path / 'out'}" in printed
+    before, after = rows[0]["eval/tiny_geneval/mean"], row["eval/tiny_geneval/mean"]
+    assert f"held-out tiny_geneval    {before:.3f} -> {after:.3f}" in printed, printed
+    assert "    clean " in printed and "fully_correct" in printed
+    assert f"last checkpoint   {find_latest(tmp_path / 'out')}" in printed
+    assert f"--config {tmp_path / 'out' / 'config.yaml'} --resume latest --num_iterations 2" in printed
 
 
 def test_tensorboard_gets_the_scalars_when_installed(tmp_path, monkeypatch):

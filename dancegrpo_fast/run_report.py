@@ -1,0 +1,108 @@
+"""What the trainer tells its user: a short block when a run starts, the progress-bar fields, and a
+summary when it ends (held-out reward before -> after, where the outputs are, how to go on).
+
+Plain functions over the config and the logged metric rows, so the loop only calls them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .config import TrainConfig
+
+
+def start_block(config: TrainConfig, device, world_size: int, first_iteration: int, reward_names: Sequence[str],
+                backend: str) -> str:
+    """Lines printed once when training starts (rank 0)."""
+    from .noise import extension_status
+
+    model = config.model_path or ("the shipped tiny weights" if config.model_family == "tiny" else "(none)")
+    extension = extension_status()
+    samples = config.prompts_per_rank * config.group_size * world_size
+    start = "a fresh run" if first_iteration == 0 else f"resumed at iteration {first_iteration}"
+    lines = [
+        f"DanceGRPO: {config.model_family} model from {model}",
+        f"  rewards     {', '.join(reward_names)}",
+        f"  device      {device} x {world_size} process(es); fused ops: {backend}; extension: "
+        f"{'built' + (' with CUDA' if extension['cuda'] else '') if extension['built'] else 'not built (PyTorch fallback)'}",
+        f"  iterations  {config.num_iterations} ({start}); {samples} samples each "
+        f"({config.prompts_per_rank * world_size} prompts x {config.group_size}), {config.num_steps} steps",
+        f"  output      {config.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def progress_fields(row: Dict, kl_on: bool) -> Dict[str, str]:
+    """The progress bar's postfix for one iteration's row: what a user watches."""
+    fields = {"reward": _fmt(_first(row, "reward/", "/mean")), "clip": f"{row.get('clip_fraction', math.nan):.2f}"}
+    if kl_on:
+        fields["kl"] = _fmt(row.get("kl", math.nan))
+    seconds = sum(row.get(k, 0.0) for k in ("seconds_rollout", "seconds_reward", "seconds_update"))
+    fields["s/it"] = f"{seconds:.2f}"
+    held_out = _first(row, "eval/", "/mean")
+    if not math.isnan(held_out):
+        fields["held-out"] = _fmt(held_out)
+    if row.get("skipped_groups_total"):
+        fields["skipped"] = str(row["skipped_groups_total"])
+    return fields
+
+
+def summary_block(config: TrainConfig, rows: Sequence[Dict], wall_seconds: float,
+                  last_checkpoint: Optional[Path], stopped_early: bool) -> str:
+    """Lines printed when training ends (rank 0). rows: the run's metric rows (read_metrics)."""
+    out = Path(config.output_dir)
+    iteration = rows[-1]["iteration"] if rows else 0
+    head = (f"DanceGRPO stopped at iteration {iteration} of {config.num_iterations} (signal)" if stopped_early
+            else f"DanceGRPO finished: {iteration} of {config.num_iterations} iterations")
+    lines = [f"{head} in {_duration(wall_seconds)}"]
+    lines += held_out_lines(rows)
+    for name in ("reward_curve.png", "before_after.png", "metrics.jsonl"):
+        if (out / name).is_file():
+            lines.append(f"  {name:17s} {out / name}")
+    if last_checkpoint is not None:
+        lines.append(f"  last checkpoint   {last_checkpoint}")
+    more = config.num_iterations + max(config.num_iterations // 2, 1)
+    lines.append(f"  go on with        python -m dancegrpo_fast.train --config {out / 'config.yaml'} --resume latest"
+                 + (f" --num_iterations {more}" if not stopped_early else ""))
+    return "\n".join(lines)
+
+
+def held_out_lines(rows: Sequence[Dict]) -> List[str]:
+    """'held-out <reward>: before -> after' and, under it, each of its criteria, from the first
+    and last evaluation rows."""
+    evaluated = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evaluated:
+        return []
+    first, last = evaluated[0], evaluated[-1]
+    parts: Dict[str, List[str]] = {}
+    for key in first:
+        if key.startswith("eval/") and key.count("/") == 2 and not key.endswith("/std"):
+            _, reward, part = key.split("/")
+            parts.setdefault(reward, []).append(part)
+    lines = []
+    for reward, names in parts.items():
+        for part in sorted(names, key=lambda name: name != "mean"):
+            key = f"eval/{reward}/{part}"
+            before, after = first.get(key, math.nan), last.get(key, math.nan)
+            label = f"held-out {reward}" if part == "mean" else f"  {part}"
+            lines.append(f"  {label:24s} {_fmt(before)} -> {_fmt(after)} ({after - before:+.3f})")
+    if lines:
+        lines.insert(0, f"  held-out evaluation at iterations {first['iteration']} -> {last['iteration']}:")
+    return lines
+
+
+def _first(row: Dict, prefix: str, suffix: str) -> float:
+    for key, value in row.items():
+        if key.startswith(prefix) and key.endswith(suffix) and key.count("/") == 2 and value is not None:
+            return float(value)
+    return math.nan
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
