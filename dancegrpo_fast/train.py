@@ -39,8 +39,8 @@ from .evaluation import evaluate_policy
 from .grpo import too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
 from .output_lock import claim_output_dir, lock_output_dir
-from .reports import read_metrics
 from .policies import ModelLoadError, Policy, build_policy
+from .reports import read_metrics
 from .rollout import autocast_context, decode_trajectory, mix_seed, prompt_seeds, rollout, sample_seeds
 from .run_report import progress_fields, start_block, summary_block
 from .trajectory import Trajectory
