@@ -332,7 +332,7 @@ def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimiz
     root = final.parent
     temp.mkdir()
     names = trainable_names(model)
-    if config.use_lora:
+    if config.optim.use_lora:
         from peft import get_peft_model_state_dict
 
         trainable = {k: model_state[k].contiguous() for k in names}
@@ -346,18 +346,21 @@ def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimiz
         save_file({k: v.contiguous() for k, v in model_state.items()},
                   str(folder / "diffusion_pytorch_model.safetensors"))
     # The JSON round trip keeps the config plain data (what weights_only loading accepts).
+    config_data = json.loads(json.dumps(config.to_dict(), default=str))
     training = {"format_version": FORMAT_VERSION, "iteration": iteration, "optimizer": optimizer_state,
                 "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_state, "rng": rng_state(),
-                "trainable_names": names, "config": json.loads(json.dumps(config.to_dict(), default=str)), **extra}
+                "trainable_names": names, "config": config_data, **extra}
     # Through a Python file object: a full disk then surfaces as OSError(ENOSPC) (torch's own
     # file writer reports it only as "unexpected pos").
     with open(temp / "training_state.pt", "wb") as handle:
         torch.save(training, handle)
     complete, _ = scan_checkpoints(root)
     seq = 1 + max((info.seq for info in complete), default=0)
-    meta = {"iteration": iteration, "format_version": FORMAT_VERSION, "model_family": config.model_family,
-            "use_lora": config.use_lora, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **lineage.meta()}
+    meta = {"iteration": iteration, "format_version": FORMAT_VERSION, "model_family": config.model.family,
+            "use_lora": config.optim.use_lora, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # Also here (small) so that a resume reads the run's settings without loading the
+            # optimizer state.
+            "config": config_data, **lineage.meta()}
     (temp / "meta.json").write_text(json.dumps(meta))
     _fsync_tree(temp)
     aside = None
@@ -437,6 +440,18 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     return path
 
 
+def saved_config(path) -> Tuple[Dict[str, Any], int]:
+    """(the configuration a checkpoint was written with, as plain data; its iteration). Older
+    checkpoints keep it only in training_state.pt."""
+    meta = read_meta(path)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        config = load_training_state(path).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its configuration")
+    return config, int(meta["iteration"])
+
+
 def _legacy_safe_globals() -> list:
     """numpy's array reconstruction: the RNG state of format-1 checkpoints holds a uint32 array.
     It can only rebuild arrays of allowed dtypes; anything else in the file is still refused."""
@@ -486,17 +501,17 @@ def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: Distri
     if int(meta.get("format_version", 1)) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format_version')}, newer than this "
                               f"version of dancegrpo_fast reads ({FORMAT_VERSION}): upgrade to resume it")
-    for key in ("model_family", "use_lora"):
-        if meta.get(key) != getattr(config, key):
+    for key, value in (("model_family", config.model.family), ("use_lora", config.optim.use_lora)):
+        if meta.get(key) != value:
             raise CheckpointError(f"checkpoint {str(path)!r} was written with {key}={meta.get(key)!r} but this run "
-                                  f"has {key}={getattr(config, key)!r}")
+                                  f"has {key}={value!r}")
     training = load_training_state(path)
     if not isinstance(training, dict) or not all(k in training for k in ("trainable_names", "optimizer",
                                                                          "lr_scheduler", "rng", "iteration")):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the training state")
     from safetensors.torch import load_file
 
-    weights_file = (path / "trainable.safetensors" if config.use_lora
+    weights_file = (path / "trainable.safetensors" if config.optim.use_lora
                     else path / "model" / policy.model_component / "diffusion_pytorch_model.safetensors")
     try:
         weights = load_file(str(weights_file))

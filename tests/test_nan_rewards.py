@@ -19,7 +19,8 @@ from helpers.tiny_models import write_prompts  # noqa: E402
 
 from dancegrpo_fast.config import RewardSpec, TrainConfig  # noqa: E402
 from dancegrpo_fast.rewards import BinaryReward, build_reward  # noqa: E402
-from dancegrpo_fast.train import RewardError, Trainer  # noqa: E402
+from dancegrpo_fast.rewards import RewardError  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKED = "test_unusable_for_marked_prompts"
@@ -35,7 +36,7 @@ def config_with(folder, tmp_path, rewards, prompts=("a broken cat", "a blue dog"
                   timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=2, progress_bar=False,
                   tensorboard=False, mixed_precision="no", seed=1, rewards=rewards)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def test_a_reward_returns_non_finite_scores_instead_of_raising():
@@ -84,7 +85,7 @@ def test_too_many_unusable_groups_stop_with_a_clear_error(flux_folder, tmp_path)
 def test_max_skipped_group_fraction_is_validated():
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"max_skipped_group_fraction must lie in \(0, 1\]"):
-            TrainConfig(max_skipped_group_fraction=bad).validate()
+            TrainConfig.from_dict(dict(max_skipped_group_fraction=bad)).validate()
 
 
 @pytest.fixture(scope="module")
