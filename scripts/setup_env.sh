@@ -50,6 +50,7 @@ if [ -f "$venv/.dancegrpo_fast_stamp" ] && [ "$(cat "$venv/.dancegrpo_fast_stamp
 fi
 
 pipi() { "$vpy" -m pip install --disable-pip-version-check --no-input "$@"; }
+echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') installing into $venv" >>"$log"
 echo "[setup] installing $torch_spec, numpy and the build tools (a few minutes the first time)"
 # setuptools >= 77 reads the SPDX license of pyproject.toml. numpy comes before the build: torch
 # imports it when the extension compiles, and warns "Failed to initialize NumPy" without it.
