@@ -49,6 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
 from .distributed import DistributedState, broadcast_object
 from .logging_utils import warn
 
@@ -66,8 +69,6 @@ class CheckpointError(RuntimeError):
 
 
 def _options(state: DistributedState, for_load: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Without a process group, full_state_dict loading needs a broadcast; plain loading is the same.
     if for_load:
         return StateDictOptions(full_state_dict=state.enabled, strict=False)
@@ -288,8 +289,6 @@ def save_checkpoint(output_dir, iteration: int, policy, optimizer, lr_scheduler,
 
     lineage: the run's Lineage (recorded in meta.json, used for pruning); None = a lineage of its
     own for this call. Raises CheckpointError on every rank when rank 0 could not write."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     lineage = lineage if lineage is not None else Lineage.start(None)
     model = policy.model
     model_state = get_model_state_dict(model, options=_options(state))
@@ -492,8 +491,6 @@ def load_training_state(path) -> Dict[str, Any]:
 def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: DistributedState) -> Dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns the training state dict
     (iteration, prompt position, EMA, ...). Raises CheckpointError with the reason."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a folder")

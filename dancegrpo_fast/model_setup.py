@@ -7,7 +7,9 @@ import copy
 from typing import Dict, List, Optional
 
 import torch
+from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
+from torch.distributed.tensor import distribute_tensor
 
 from .config import TrainConfig
 from .distributed import DistributedState, wrap_model
@@ -34,8 +36,6 @@ class EMA:
         for name, value in values.items():
             target = self.shadow[name]
             if hasattr(target, "device_mesh"):  # FSDP2: shard the full tensor like the parameter
-                from torch.distributed.tensor import distribute_tensor
-
                 value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
             target.copy_(value)
 
@@ -46,14 +46,12 @@ class TrainingSetup:
     model with adapters disabled, or without KL), the EMA, the optimizer and its schedule."""
 
     def __init__(self, policy: Policy, config: TrainConfig, state: DistributedState):
-        from diffusers.optimization import get_scheduler
-
         o = config.optim
         self.policy = policy
         self.max_grad_norm = o.max_grad_norm
         model = policy.model
         if o.use_lora:
-            from peft import LoraConfig
+            from peft import LoraConfig  # only LoRA runs need peft (and its import time)
 
             model.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, init_lora_weights="gaussian",
                                          target_modules=list(o.lora_target_modules)))

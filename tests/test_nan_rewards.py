@@ -5,6 +5,7 @@ max_skipped_group_fraction of an iteration's groups are unusable."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,13 +91,11 @@ def test_max_skipped_group_fraction_is_validated():
 
 @pytest.fixture(scope="module")
 def nan_server_url(tmp_path_factory):
-    """A real reward server process serving the test reward (imported before serve.main)."""
+    """A real reward server process serving the test reward (its module named by --reward-module)."""
     log_path = tmp_path_factory.mktemp("nan_server") / "stderr.txt"
-    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import helpers.unusable_rewards; "
-            "from dancegrpo_fast.rewards.serve import main; sys.exit(main())")
-    command = [sys.executable, "-c", code, str(REPO / "tests"), "--reward", MARKED, "--host", "127.0.0.1",
-               "--port", "0", "--max-wait-ms", "1"]
-    with reward_server(command, log_path, env={"PYTHONPATH": str(REPO)}) as url:
+    command = [sys.executable, "-m", "dancegrpo_fast.rewards.serve", "--reward-module", "helpers.unusable_rewards",
+               "--reward", MARKED, "--host", "127.0.0.1", "--port", "0", "--max-wait-ms", "1"]
+    with reward_server(command, log_path, env={"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}) as url:
         yield url
 
 
