@@ -209,7 +209,13 @@ def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):
         assert _is_png(out / "samples" / name)
     from PIL import Image
 
-    assert Image.open(out / "samples" / "eval_iter_000000.png").size == (4 * 128, 2 * 128)  # 6 samples, 4x
+    # 6 samples, enlarged 4x, 4 per row, each with its prompt and score in a caption band below.
+    grid = Image.open(out / "samples" / "eval_iter_000000.png").convert("L")
+    width, height = grid.size
+    band = height // 2 - 128
+    assert width == 4 * 128 and band >= 11
+    caption = torch.tensor(list(grid.crop((0, 128, 128, 128 + band)).getdata()), dtype=torch.float32)
+    assert (caption == 255).float().mean() > 0.5 and (caption < 128).any()  # white band with dark text
     assert not (out / "samples" / "eval_iter_000001.png").exists()
     assert _is_png(out / "reward_curve.png") and _is_png(out / "before_after.png")
     before = torch.load(out / "samples" / "eval_before.pt", weights_only=True)
