@@ -37,6 +37,8 @@ class TinyPolicy(Policy):
     def _load_pipeline(self):
         from ..tiny.model import TinyFlowPipeline
 
+        if self.device.type == "meta":
+            return self._build_on_meta(TinyFlowPipeline)
         try:
             return TinyFlowPipeline.from_pretrained(self.model_path, torch_dtype=self.dtype)
         except Exception as error:
