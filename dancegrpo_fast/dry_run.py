@@ -1,0 +1,280 @@
+"""A dry run of one rollout step and one training step of a policy on the meta device: what the
+trainer's GPU loop would compute and hold, counted, without a GPU or weights.
+
+The policy is built by the policy's own loading code (`build_policy(config, "meta")`: every
+component from its config on the meta device, policies/meta_pipeline.py) and prepared as the
+trainer prepares it (`prepare_trainable`: a LoRA adapter, or float32 master weights; gradient
+checkpointing). Then the calls the trainer makes (the inner loops of `rollout.rollout` and
+`Trainer.update`) run once each:
+
+- rollout step: `policy.predict` on `rollout_batch_size` samples (classifier-free guidance
+  doubling included) under bf16 autocast, then `ops.sde_step`, without grad;
+- decode: `policy.decode` of one rollout batch of final latents;
+- encode: `policy.encode` of one new prompt (the text encoders);
+- training step: `policy.predict` on `train_batch_size` samples under bf16 autocast,
+  `ops.fused_step_loss` (on-policy), backward of loss / (accumulation x trained timesteps).
+
+Each is measured by meta_measure.StepMeter: FLOPs (torch.utils.flop_counter's formulas) and bytes
+(the tensors the step creates, their peak, what the forward keeps for the backward), with meta
+tensors computed as on a CUDA GPU (meta_measure.gpu_like_meta: autocast casts, fused attention).
+Parameter gradients are dropped as soon as they are accumulated (a post-accumulate-grad hook), so
+the training peak holds activations and working buffers only: how gradients add up depends on
+the parallelism (DDP or FSDP2), which plan.py works out.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .meta_measure import StepMeter, gpu_like_checkpoint, gpu_like_meta
+from .policies import Policy, build_policy
+
+META = torch.device("meta")
+PLAN_PROMPT = "a photograph of a red fox standing in fresh snow at golden hour"
+
+
+@dataclass
+class StepCost:
+    """One measured step. flops_forward / flops_backward: FLOPs of the forward (model call and
+    sampler step or loss) and of the backward (recomputation under gradient checkpointing
+    included); peak_bytes: most bytes of the tensors the step created alive at once;
+    kept_bytes: bytes the forward left alive for the backward (the activations); batch: samples."""
+
+    batch: int
+    flops_forward: int
+    flops_backward: int = 0
+    peak_bytes: int = 0
+    kept_bytes: int = 0
+
+    @property
+    def flops(self) -> int:
+        return self.flops_forward + self.flops_backward
+
+
+@dataclass
+class ModuleSize:
+    """parameters, trainable: counts; bytes: parameters and buffers in their dtypes, of which
+    buffer_bytes are buffers (FSDP2 shards parameters only)."""
+
+    parameters: int
+    trainable: int
+    bytes: int
+    buffer_bytes: int = 0
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ModuleSize":
+        buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+        return cls(sum(p.numel() for p in module.parameters()),
+                   sum(p.numel() for p in module.parameters() if p.requires_grad),
+                   sum(p.numel() * p.element_size() for p in module.parameters()) + buffers, buffers)
+
+
+@dataclass
+class TrainableRun:
+    """The trainable model as prepared for one setting (full or LoRA) and its measured steps.
+    model: sizes as stored (float32 master weights, or the base dtype plus float32 LoRA);
+    train_steps: keyed by gradient checkpointing on / off."""
+
+    model: ModuleSize
+    rollout_step: StepCost
+    train_steps: Dict[bool, StepCost]
+
+
+def prepare_trainable(policy: Policy, config) -> List[nn.Parameter]:
+    """The trainable module as the trainer prepares it (Trainer._prepare_model): a LoRA adapter
+    whose weights train in float32 over the frozen base, or the whole model in float32 (master
+    weights). Returns the trainable parameters. A meta model may be prepared again for another
+    setting (its tensors hold no data); LoRA, once added, stays."""
+    model = policy.model
+    if config.use_lora:
+        if not getattr(model, "peft_config", None):
+            from peft import LoraConfig
+
+            model.requires_grad_(False)
+            model.to(policy.dtype)
+            model.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                         init_lora_weights="gaussian",
+                                         target_modules=list(config.lora_target_modules)))
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # LoRA weights train in float32
+    else:
+        if getattr(model, "peft_config", None):  # measured with LoRA before: back to the plain model
+            model.delete_adapters(list(model.peft_config))
+        model.to(torch.float32)
+        model.requires_grad_(True)
+    model.train()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _autocast_dtype(config) -> Optional[torch.dtype]:
+    """The trainer autocasts the model call to bf16 on CUDA when mixed_precision is bf16."""
+    return torch.bfloat16 if config.mixed_precision == "bf16" else None
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool, config) -> None:
+    """Gradient checkpointing as the trainer enables it (diffusers' default checkpoint function),
+    its recomputation computed as on the GPU (meta_measure.gpu_like_checkpoint)."""
+    if enabled:
+        model.enable_gradient_checkpointing(gpu_like_checkpoint(_autocast_dtype(config)))
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+
+
+@contextlib.contextmanager
+def _gradients_dropped(parameters: List[nn.Parameter]):
+    """Parameter gradients are freed as soon as they are accumulated (see the module docstring)."""
+    def drop(param):
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(drop) for p in parameters]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cond(policy: Policy, batch: int):
+    cond = policy.encode([PLAN_PROMPT])
+    return {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
+
+
+def measure_rollout_step(policy: Policy, config, schedule) -> StepCost:
+    """`rollout.rollout`'s inner step on one batch of rollout_batch_size samples, at the first SDE step."""
+    batch = config.rollout_batch_size
+    cond = _cond(policy, batch)
+    latents = torch.empty((batch,) + tuple(policy.latent_shape()), dtype=torch.float32, device=META)
+    step_index = config.sde_steps()[0]
+    step = torch.full((batch,), step_index, dtype=torch.int64)
+    seeds = torch.arange(batch, dtype=torch.int64)
+    meter = StepMeter()
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        with torch.no_grad(), meter:
+            with gpu_like_meta(_autocast_dtype(config)) as mode, mode.forward_region():
+                model_output = policy.predict(latents, step, cond, schedule)
+            result = ops.sde_step(model_output, latents, schedule.coefficients(step, META), seeds=seeds,
+                                  step_index=step_index)
+            del model_output, result
+    finally:
+        policy.model.train(was_training)
+    return StepCost(batch=batch, flops_forward=meter.flops, peak_bytes=meter.peak)
+
+
+def measure_decode(policy: Policy, config) -> StepCost:
+    """`rollout.decode_trajectory`'s call: one batch of rollout_batch_size final latents (no autocast)."""
+    batch = config.rollout_batch_size
+    latents = torch.empty((batch,) + tuple(policy.latent_shape()), dtype=torch.float32, device=META)
+    meter = StepMeter()
+    with torch.no_grad(), meter, gpu_like_meta(None):
+        images = policy.decode(latents)
+        del images
+    return StepCost(batch=batch, flops_forward=meter.flops, peak_bytes=meter.peak)
+
+
+def measure_encode(policy: Policy) -> StepCost:
+    """`policy.encode` of one prompt not yet in its cache (the text encoders' forward)."""
+    meter = StepMeter()
+    prompt = f"{PLAN_PROMPT}, measured"
+    with torch.no_grad(), meter, gpu_like_meta(None):
+        policy.encode([prompt])
+    policy._embedding_cache.pop(prompt, None)
+    return StepCost(batch=1, flops_forward=meter.flops, peak_bytes=meter.peak)
+
+
+def measure_train_step(policy: Policy, config, schedule, trainable: List[nn.Parameter]) -> StepCost:
+    """`Trainer.update`'s inner step on one micro-batch of train_batch_size samples at the first
+    trainable step: forward under autocast, the fused loss (on-policy), backward."""
+    batch = config.train_batch_size
+    cond = _cond(policy, batch)
+    step = torch.full((batch,), config.trainable_steps()[0], dtype=torch.int64)
+    latents = torch.empty((batch,) + tuple(policy.latent_shape()), dtype=torch.float32, device=META)
+    next_latents = torch.empty_like(latents)
+    advantages = torch.empty(batch, dtype=torch.float32, device=META)
+    scale = 1.0 / (config.gradient_accumulation_steps * config.trained_timesteps())
+    meter = StepMeter()
+    with _gradients_dropped(trainable), meter, gpu_like_meta(_autocast_dtype(config)) as mode:
+        with mode.forward_region():
+            model_output = policy.predict(latents, step, cond, schedule)
+        out = ops.fused_step_loss(model_output, latents, next_latents, schedule.coefficients(step, META), None,
+                                  advantages, clip_range=config.clip_range, adv_clip_max=config.adv_clip_max)
+        flops_forward, kept = meter.flops, meter.live
+        (out.loss * scale).backward()
+        del model_output, out
+    return StepCost(batch=batch, flops_forward=flops_forward, flops_backward=meter.flops - flops_forward,
+                    peak_bytes=meter.peak, kept_bytes=kept)
+
+
+class DryRun:
+    """config's policy built on the meta device, and its steps measured on demand (cached).
+
+    frozen: sizes of the components that do not train (text encoders, VAE), as loaded;
+    text_encoders: their names; blocks: parameters of each FSDP2 sharding unit of the trainable
+    model; encode / decode: measured once; trainable(...): a TrainableRun per setting.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.policy = build_policy(config, META)
+        self.schedule = self.policy.schedule()
+        self.latent_shape = tuple(self.policy.latent_shape())
+        self.frozen = {name: ModuleSize.of(module) for name, module in self.policy.pipe.components.items()
+                       if isinstance(module, nn.Module) and module is not self.policy.model}
+        self.text_encoders = list(self.policy.text_encoder_names)
+        self._runs: Dict[Tuple, TrainableRun] = {}
+        self._encode: Optional[StepCost] = None
+        self._decode: Dict[int, StepCost] = {}
+
+    @property
+    def encode(self) -> StepCost:
+        if self._encode is None:
+            self._encode = measure_encode(self.policy)
+        return self._encode
+
+    def decode(self, rollout_batch_size: int) -> StepCost:
+        if rollout_batch_size not in self._decode:
+            self._decode[rollout_batch_size] = measure_decode(
+                self.policy, dataclasses.replace(self.config, rollout_batch_size=rollout_batch_size))
+        return self._decode[rollout_batch_size]
+
+    def block_parameters(self) -> List[int]:
+        from .distributed import _blocks  # the units wrap_model shards with FSDP2
+
+        return [sum(p.numel() for p in block.parameters()) for block in _blocks(self.policy.model)]
+
+    def trainable(self, config, param_dtype: Optional[torch.dtype] = None,
+                  checkpointing=(True, False)) -> TrainableRun:
+        """The trainable model prepared for `config` (use_lora, lora settings, batch sizes) and its
+        rollout and training steps measured, the training step once per gradient-checkpointing
+        setting in `checkpointing`. param_dtype: the dtype every parameter of the trainable model
+        has during its forward when that differs from how it is stored (FSDP2's
+        MixedPrecisionPolicy all-gathers bf16 copies of the float32 shards); None: as stored."""
+        key = (config.use_lora, config.lora_rank, tuple(config.lora_target_modules), config.rollout_batch_size,
+               config.train_batch_size, param_dtype)
+        run = self._runs.get(key)
+        missing = [enabled for enabled in checkpointing if run is None or enabled not in run.train_steps]
+        if run is not None and not missing:
+            return run
+        trainable = prepare_trainable(self.policy, config)
+        model = self.policy.model
+        size = ModuleSize.of(model)
+        if param_dtype is not None:
+            model.to(param_dtype)
+        if run is None:
+            run = self._runs[key] = TrainableRun(size, measure_rollout_step(self.policy, config, self.schedule), {})
+        for enabled in missing:
+            set_gradient_checkpointing(model, enabled, config)
+            run.train_steps[enabled] = measure_train_step(self.policy, config, self.schedule, trainable)
+        return run
+
+
+__all__ = ["DryRun", "StepCost", "ModuleSize", "TrainableRun", "prepare_trainable", "measure_train_step",
+           "measure_rollout_step", "measure_decode", "measure_encode", "META"]
