@@ -399,6 +399,14 @@ def _gib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / GIB:.1f}"
 
 
+def _model_label(path: str) -> str:
+    """A shipped architecture by its place in the package, any other folder as given."""
+    folder = Path(path) if path else None
+    if folder is not None and folder.resolve().parent == ARCHITECTURES_DIR.resolve():
+        return f"dancegrpo_fast/architectures/{folder.name}"
+    return path or "the shipped tiny weights"
+
+
 def _settings_line(c, latent_shape) -> str:
     frames = f", {c.num_frames} frames" if c.num_frames > 1 else ""
     training = f"LoRA rank {c.lora_rank}" if c.use_lora else "full fine-tune"
@@ -429,7 +437,7 @@ def format_table(plan: Plan) -> str:
     cfg = " (x2 CFG)" if c.cfg_scale != 1.0 else ""
     recompute = "+recompute" if c.gradient_checkpointing else ""
     lines = [
-        f"PROJECTION (not a measurement) for {c.model_family} from {plan.model_path}, "
+        f"PROJECTION (not a measurement) for {c.model_family} from {_model_label(plan.model_path)}, "
         f"on {plan.gpus} x {plan.gpu.name}, {plan.parallel_label}",
         _settings_line(c, dry.latent_shape),
         "",
