@@ -505,7 +505,7 @@ def available_architectures() -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dancegrpo_fast.plan",
+        prog="python -m dancegrpo_fast.plan", allow_abbrev=False,  # the rest go to the trainer's parser
         description="Project memory and time per iteration of a DanceGRPO run from a dry run of the real "
                     "architecture on the meta device. Other flags are the trainer's "
                     "(python -m dancegrpo_fast.train --help).")
@@ -535,9 +535,15 @@ def _positive_int(value: str, name: str) -> int:
 def parse_plan_args(argv: Optional[Sequence[str]] = None):
     """(config, gpus, gpu, mfu, as_json) from the command line; PlanError or ValueError naming the
     argument when one is wrong."""
+    from .config import build_parser as trainer_parser
     from .config import parse_config
 
     args, trainer_flags = build_parser().parse_known_args(argv)
+    unknown = trainer_parser().parse_known_args(trainer_flags)[1]
+    if unknown:
+        raise PlanError(f"unknown argument(s) {unknown}: the planner's are --preset, --config, --gpus, --gpu, "
+                        f"--parallel, --lora, --mfu, --architecture, --json; the rest are the trainer's "
+                        f"(python -m dancegrpo_fast.train --help)")
     gpus = _positive_int(args.gpus, "--gpus")
     if args.gpu.lower() not in GPUS:
         raise PlanError(f"--gpu must be one of {sorted(GPUS)}, got {args.gpu!r}")

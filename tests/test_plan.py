@@ -309,6 +309,7 @@ def test_cli_prints_json_for_tools(capsys):
     (["--gpus", "0"], "--gpus"), (["--gpus", "two"], "--gpus"), (["--gpu", "v100"], "--gpu"),
     (["--mfu", "1.5"], "--mfu"), (["--parallel", "zero3"], "--parallel"),
     (["--architecture", "flux2"], "--architecture"), (["--group_size", "1"], "group_size"),
+    (["--gpus_per_node", "8"], "--gpus_per_node"),
 ])
 def test_cli_errors_are_one_line_naming_the_argument(capsys, argv, word):
     assert main(["--preset", "flux"] + argv) == 2
