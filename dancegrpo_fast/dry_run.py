@@ -34,6 +34,7 @@ from torch import nn
 from . import ops
 from .meta_measure import StepMeter, gpu_like_checkpoint, gpu_like_meta
 from .policies import Policy, build_policy
+from .policies.meta_pipeline import cast
 
 META = torch.device("meta")
 PLAN_PROMPT = "a photograph of a red fox standing in fresh snow at golden hour"
@@ -97,7 +98,7 @@ def prepare_trainable(policy: Policy, config) -> List[nn.Parameter]:
             from peft import LoraConfig
 
             model.requires_grad_(False)
-            model.to(policy.dtype)
+            cast(model, policy.dtype)
             model.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
                                          init_lora_weights="gaussian",
                                          target_modules=list(config.lora_target_modules)))
@@ -107,7 +108,7 @@ def prepare_trainable(policy: Policy, config) -> List[nn.Parameter]:
     else:
         if getattr(model, "peft_config", None):  # measured with LoRA before: back to the plain model
             model.delete_adapters(list(model.peft_config))
-        model.to(torch.float32)
+        cast(model, torch.float32)
         model.requires_grad_(True)
     model.train()
     return [p for p in model.parameters() if p.requires_grad]
@@ -267,7 +268,7 @@ class DryRun:
         model = self.policy.model
         size = ModuleSize.of(model)
         if param_dtype is not None:
-            model.to(param_dtype)
+            cast(model, param_dtype)
         if run is None:
             run = self._runs[key] = TrainableRun(size, measure_rollout_step(self.policy, config, self.schedule), {})
         for enabled in missing:

@@ -151,13 +151,19 @@ def _build_module(cls, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
             module.register_forward_pre_hook(_all_ones_mask_as_none, with_kwargs=True)
         else:
             module = cls.from_config(cls.load_config(str(folder)))
-    module.to(dtype)
+    cast(module, dtype)
     keep = _fp32_module_names(cls, dtype)
     if keep:
         for name, sub in module.named_modules():
             if any(part in keep for part in name.split(".")):
-                sub.to(torch.float32)
+                cast(sub, torch.float32)
     return module.eval()
+
+
+def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """module.to(dtype) without diffusers' ModelMixin.to, which warns on every dtype cast (even when
+    no module is to stay in float32); the cast is the same."""
+    return torch.nn.Module.to(module, dtype)
 
 
 def build_meta_pipeline(pipeline_class, folder, dtype: torch.dtype, index: Dict):
