@@ -94,7 +94,12 @@ def prepare_trainable(policy: Policy, config) -> List[nn.Parameter]:
     setting (its tensors hold no data); LoRA, once added, stays."""
     model = policy.model
     if config.use_lora:
-        if not getattr(model, "peft_config", None):
+        adapter = (getattr(model, "peft_config", None) or {}).get("default")
+        if adapter is not None and (adapter.r, set(adapter.target_modules)) != (config.lora_rank,
+                                                                               set(config.lora_target_modules)):
+            model.delete_adapters(["default"])  # measured with another rank or other targets before
+            adapter = None
+        if adapter is None:
             from peft import LoraConfig
 
             model.requires_grad_(False)

@@ -22,12 +22,11 @@ the tensors each step creates. From those:
 - memory per GPU: weights as stored (float32 master weights, or the bf16 base plus float32 LoRA),
   AdamW's two float32 moments and the float32 gradients of the trainable parameters (all three
   divided by N under FSDP2, which shards parameters but not buffers; DDP also keeps a bucket copy
-  of the gradients), the frozen text
-  encoders (unless offloaded) and VAE, the rollout buffers (latents (B, S+1, ...) and log-probs,
-  float32), the FSDP2 working set (two transformer blocks and the root's parameters all-gathered
-  in the compute dtype, and two blocks' gradients before their reduce-scatter), and the measured
-  step peaks. The peak is the largest of four phases: encoding new prompts, a rollout step,
-  decoding, a training step.
+  of the gradients), the frozen text encoders (unless offloaded) and VAE, the rollout buffers
+  (latents (B, S+1, ...) and log-probs, float32), the FSDP2 working set (two transformer blocks and
+  the root's parameters all-gathered in the compute dtype, and two blocks' gradients before their
+  reduce-scatter), and the measured step peaks. The peak is the largest of four phases: encoding
+  new prompts, a rollout step, decoding, a training step.
 
 Errors are one line naming the argument (exit code 2).
 """

@@ -295,6 +295,23 @@ def test_a_run_that_cannot_fit_says_so_and_names_the_fix(plans):
     assert plan.fixes and all(fix["peak_bytes"] <= GPUS["h800"].memory_bytes for fix in plan.fixes)
 
 
+def test_one_dry_run_measures_full_and_lora_settings_in_any_order():
+    """The fix search measures several settings on one meta model: LoRA of two ranks and the full
+    fine-tune, in any order, each with its own trainable parameters."""
+    import dataclasses
+
+    config, *_ = parse_plan_args(["--preset", "tiny"])
+    dry = DryRun(config)
+    sizes = {}
+    for use_lora, rank in ((True, 4), (False, 4), (True, 8)):
+        variant = dataclasses.replace(config, use_lora=use_lora, lora_rank=rank)
+        sizes[use_lora, rank] = dry.trainable(variant, None, checkpointing=()).model
+    base = sizes[False, 4].parameters
+    assert sizes[False, 4].trainable == base
+    lora4, lora8 = sizes[True, 4].trainable, sizes[True, 8].trainable
+    assert 0 < lora4 and lora8 == 2 * lora4 and sizes[True, 8].parameters == base + lora8
+
+
 def test_cli_prints_json_for_tools(capsys):
     assert main(["--preset", "tiny", "--gpus", "1", "--gpu", "a100", "--mfu", "0.5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
