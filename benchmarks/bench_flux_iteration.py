@@ -104,8 +104,8 @@ def full_transformer(config: dict, device: torch.device):
 def make_trainer(name: str, settings: dict, transformer_config: dict, device: torch.device, tmp: Path) -> Trainer:
     from dancegrpo_fast.policies.flux import FluxPolicy
 
-    config = TrainConfig(**{**settings, "output_dir": str(tmp / name)})
-    policy = FluxPolicy(settings["model_path"], config, device)
+    config = TrainConfig.from_dict({**settings, "output_dir": str(tmp / name)})
+    policy = FluxPolicy(config.model, config.sampler, device)
     # The real loading code built the pipeline; swap in the full-size transformer.
     model = full_transformer(transformer_config, device)
     policy.pipe.transformer = policy.model = policy.forward_model = model
@@ -227,7 +227,7 @@ def report(args, device, base, settings, variants, params, trainable, runs, peak
         "variant_settings": {name: {k: settings[name][k] for k in ("rollout_batch_size", "train_batch_size",
                                                                    "gradient_accumulation_steps")}
                              for name in variants if name != "reference_loop"},
-        "trained_steps_per_sample": TrainConfig(**settings[variants[0]]).trained_timesteps(),
+        "trained_steps_per_sample": TrainConfig.from_dict(settings[variants[0]]).trained_timesteps(),
         "repeats": args.repeats, "statistic": "median over timed iterations (one warm-up round first)",
         "runs": runs, "results": results, "speedup_vs_reference_loop": speedups,
         "seconds_benchmark": time.perf_counter() - start_all, "complete": final,

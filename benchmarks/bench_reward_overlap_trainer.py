@@ -60,7 +60,8 @@ def measure(kind: str, overlap: bool, args, output_dir: str) -> dict:
     totals, rollouts, waits = [], [], []
     for repeat in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        _, _, _, rollout_s, reward_wait_s = trainer.collect_and_score()
+        _, _, _, seconds = trainer.collect_and_score()
+        rollout_s, reward_wait_s = seconds["rollout"], seconds["reward"]
         if repeat >= args.warmup:
             totals.append(time.perf_counter() - start)
             rollouts.append(rollout_s)

@@ -33,7 +33,8 @@ from dancegrpo_fast import grpo, sde  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.rollout import autocast_context  # noqa: E402
 from dancegrpo_fast.sde import flow_sigmas  # noqa: E402
-from dancegrpo_fast.train import Trainer, compute_advantages, score_rewards  # noqa: E402
+from dancegrpo_fast.grpo import compute_advantages  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
 from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
 
 
@@ -53,8 +54,9 @@ def reference_iteration(trainer: Trainer) -> dict:
     Runs on the trainer's device with the trainer's autocast, so that only the loop shape and the
     fused ops differ from `Trainer.train_iteration`."""
     c, policy, schedule, device = trainer.config, trainer.policy, trainer.schedule, trainer.device
-    sigmas = flow_sigmas(c.num_steps, c.shift, dtype=torch.float64)
-    prompts, _ = trainer.prompts.take(c.prompts_per_rank)
+    sa, g, mixed = c.sampler, c.grpo, c.model.mixed_precision
+    sigmas = flow_sigmas(sa.num_steps, sa.shift, dtype=torch.float64)
+    prompts, _ = trainer.prompts.take(c.rollout.prompts_per_rank)
     cond_p = policy.encode(prompts)
     generator = torch.Generator(device=device).manual_seed(trainer.iteration)
     order_generator = torch.Generator().manual_seed(trainer.iteration)
@@ -66,13 +68,13 @@ def reference_iteration(trainer: Trainer) -> dict:
         for p in range(len(prompts)):
             initial = torch.randn((1,) + shape, generator=generator, device=device)
             cond = {k: v[p:p + 1] for k, v in cond_p.items()}
-            for _ in range(c.group_size):
+            for _ in range(g.group_size):
                 x = initial.clone()
                 latents, log_probs = [x], []
-                for i in range(c.num_steps):
-                    with autocast_context(device, c.mixed_precision):
+                for i in range(sa.num_steps):
+                    with autocast_context(device, mixed):
                         v = policy.predict(x, torch.tensor([i]), cond, schedule)
-                    out = sde.dance_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), c.eta, generator=generator)
+                    out = sde.dance_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), sa.eta, generator=generator)
                     x = out.prev_sample
                     latents.append(x)
                     log_probs.append(out.log_prob)
@@ -81,28 +83,27 @@ def reference_iteration(trainer: Trainer) -> dict:
     synchronize(device)
     rollout_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    scores = score_rewards(trainer.rewards, images, [prompts[s[0]] for s in samples])
+    scores = trainer.rewards(images, [prompts[s[0]] for s in samples])
     reward_seconds = time.perf_counter() - start
-    advantages, _ = compute_advantages(scores, {e.name: e.weight for e in trainer.rewards}, c.group_size, "group",
-                                       trainer.state)
+    advantages, _ = compute_advantages(scores, trainer.rewards.weights, g.group_size, "group")
     advantages = advantages.to(device)
     start = time.perf_counter()
     count = c.trained_timesteps()
     accumulation = len(samples)  # one optimizer step per iteration, as the trainer's settings
-    trainable = torch.tensor(c.trainable_steps())
+    trainable = torch.tensor(sa.trainable_steps())
     for k, (p, latents, log_probs) in enumerate(samples):
         cond = {key: v[p:p + 1] for key, v in cond_p.items()}
         chosen = trainable[torch.randperm(len(trainable), generator=order_generator)[:count]]
         for i in chosen.tolist():
-            with autocast_context(device, c.mixed_precision):
+            with autocast_context(device, mixed):
                 v = policy.predict(latents[i], torch.tensor([i]), cond, schedule)
-            out = sde.dance_step(v, latents[i], float(sigmas[i]), float(sigmas[i + 1]), c.eta,
+            out = sde.dance_step(v, latents[i], float(sigmas[i]), float(sigmas[i + 1]), sa.eta,
                                  prev_sample=latents[i + 1])
-            loss = grpo.grpo_loss(out.log_prob, log_probs[i], advantages[k:k + 1], c.clip_range, c.adv_clip_max)
+            loss = grpo.grpo_loss(out.log_prob, log_probs[i], advantages[k:k + 1], g.clip_range, g.adv_clip_max)
             (loss / (accumulation * count)).backward()
-    torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters, c.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    torch.nn.utils.clip_grad_norm_(trainer.setup.parameters, c.optim.max_grad_norm)
+    trainer.setup.optimizer.step()
+    trainer.setup.optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     update_seconds = time.perf_counter() - start
     return {"seconds_rollout": rollout_seconds, "seconds_reward": reward_seconds, "seconds_update": update_seconds}
@@ -126,8 +127,8 @@ def main() -> None:
                         prompts_per_rank=2, rollout_batch_size=8, train_batch_size=4, gradient_accumulation_steps=2,
                         timestep_fraction=0.6, max_sequence_length=16, num_iterations=1000, progress_bar=False,
                         tensorboard=False, mixed_precision="no")
-        trainer = Trainer(TrainConfig(**settings), rewards={"brightness": (brightness, 1.0)})
-        reference = Trainer(TrainConfig(**{**settings, "output_dir": str(tmp / "ref")}),
+        trainer = Trainer(TrainConfig.from_dict(settings), rewards={"brightness": (brightness, 1.0)})
+        reference = Trainer(TrainConfig.from_dict({**settings, "output_dir": str(tmp / "ref")}),
                             rewards={"brightness": (brightness, 1.0)})
         trainer.train_iteration()  # warm-up (text cache, allocator)
         reference_iteration(reference)

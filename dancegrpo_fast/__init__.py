@@ -6,7 +6,7 @@ extension `_C`), the dispatch layer (`ops`, `noise`) that the rest of the packag
 from .grpo import (combine_advantages, gaussian_mean_kl, global_advantages, group_advantages,
                    grpo_loss, grpo_per_sample_loss)
 from .noise import grouped_noise, seed_for_step
-from .ops import SDEStepResult, StepLossOutput, fused_step_loss, sde_step, step_log_prob
+from .ops import StepLossOutput, fused_step_loss, sde_step, step_log_prob
 from .sde import (SDEStepOutput, StepCoefficients, affine_step, ddim_coefficients, ddim_step,
                   dance_coefficients, dance_step, flow_grpo_coefficients, flow_grpo_step,
                   flow_sigmas, gaussian_log_prob, ode_coefficients, ode_step)
@@ -19,6 +19,6 @@ __all__ = [
     "ddim_coefficients", "ode_coefficients", "gaussian_log_prob",
     "group_advantages", "global_advantages", "combine_advantages", "grpo_loss",
     "grpo_per_sample_loss", "gaussian_mean_kl",
-    "fused_step_loss", "step_log_prob", "sde_step", "StepLossOutput", "SDEStepResult",
+    "fused_step_loss", "step_log_prob", "sde_step", "StepLossOutput",
     "grouped_noise", "seed_for_step",
 ]

@@ -49,6 +49,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
 from .distributed import DistributedState, broadcast_object
 from .logging_utils import warn
 
@@ -66,8 +69,6 @@ class CheckpointError(RuntimeError):
 
 
 def _options(state: DistributedState, for_load: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     # Without a process group, full_state_dict loading needs a broadcast; plain loading is the same.
     if for_load:
         return StateDictOptions(full_state_dict=state.enabled, strict=False)
@@ -288,8 +289,6 @@ def save_checkpoint(output_dir, iteration: int, policy, optimizer, lr_scheduler,
 
     lineage: the run's Lineage (recorded in meta.json, used for pruning); None = a lineage of its
     own for this call. Raises CheckpointError on every rank when rank 0 could not write."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     lineage = lineage if lineage is not None else Lineage.start(None)
     model = policy.model
     model_state = get_model_state_dict(model, options=_options(state))
@@ -332,7 +331,7 @@ def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimiz
     root = final.parent
     temp.mkdir()
     names = trainable_names(model)
-    if config.use_lora:
+    if config.optim.use_lora:
         from peft import get_peft_model_state_dict
 
         trainable = {k: model_state[k].contiguous() for k in names}
@@ -346,18 +345,21 @@ def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimiz
         save_file({k: v.contiguous() for k, v in model_state.items()},
                   str(folder / "diffusion_pytorch_model.safetensors"))
     # The JSON round trip keeps the config plain data (what weights_only loading accepts).
+    config_data = json.loads(json.dumps(config.to_dict(), default=str))
     training = {"format_version": FORMAT_VERSION, "iteration": iteration, "optimizer": optimizer_state,
                 "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_state, "rng": rng_state(),
-                "trainable_names": names, "config": json.loads(json.dumps(config.to_dict(), default=str)), **extra}
+                "trainable_names": names, "config": config_data, **extra}
     # Through a Python file object: a full disk then surfaces as OSError(ENOSPC) (torch's own
     # file writer reports it only as "unexpected pos").
     with open(temp / "training_state.pt", "wb") as handle:
         torch.save(training, handle)
     complete, _ = scan_checkpoints(root)
     seq = 1 + max((info.seq for info in complete), default=0)
-    meta = {"iteration": iteration, "format_version": FORMAT_VERSION, "model_family": config.model_family,
-            "use_lora": config.use_lora, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **lineage.meta()}
+    meta = {"iteration": iteration, "format_version": FORMAT_VERSION, "model_family": config.model.family,
+            "use_lora": config.optim.use_lora, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # Also here (small) so that a resume reads the run's settings without loading the
+            # optimizer state.
+            "config": config_data, **lineage.meta()}
     (temp / "meta.json").write_text(json.dumps(meta))
     _fsync_tree(temp)
     aside = None
@@ -437,6 +439,18 @@ def resolve_resume(resume: str, output_dir) -> Optional[Path]:
     return path
 
 
+def saved_config(path) -> Tuple[Dict[str, Any], int]:
+    """(the configuration a checkpoint was written with, as plain data; its iteration). Older
+    checkpoints keep it only in training_state.pt."""
+    meta = read_meta(path)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        config = load_training_state(path).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its configuration")
+    return config, int(meta["iteration"])
+
+
 def _legacy_safe_globals() -> list:
     """numpy's array reconstruction: the RNG state of format-1 checkpoints holds a uint32 array.
     It can only rebuild arrays of allowed dtypes; anything else in the file is still refused."""
@@ -477,8 +491,6 @@ def load_training_state(path) -> Dict[str, Any]:
 def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: DistributedState) -> Dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns the training state dict
     (iteration, prompt position, EMA, ...). Raises CheckpointError with the reason."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a folder")
@@ -486,17 +498,17 @@ def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: Distri
     if int(meta.get("format_version", 1)) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format_version')}, newer than this "
                               f"version of dancegrpo_fast reads ({FORMAT_VERSION}): upgrade to resume it")
-    for key in ("model_family", "use_lora"):
-        if meta.get(key) != getattr(config, key):
+    for key, value in (("model_family", config.model.family), ("use_lora", config.optim.use_lora)):
+        if meta.get(key) != value:
             raise CheckpointError(f"checkpoint {str(path)!r} was written with {key}={meta.get(key)!r} but this run "
-                                  f"has {key}={getattr(config, key)!r}")
+                                  f"has {key}={value!r}")
     training = load_training_state(path)
     if not isinstance(training, dict) or not all(k in training for k in ("trainable_names", "optimizer",
                                                                          "lr_scheduler", "rng", "iteration")):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the training state")
     from safetensors.torch import load_file
 
-    weights_file = (path / "trainable.safetensors" if config.use_lora
+    weights_file = (path / "trainable.safetensors" if config.optim.use_lora
                     else path / "model" / policy.model_component / "diffusion_pytorch_model.safetensors")
     try:
         weights = load_file(str(weights_file))

@@ -1,10 +1,15 @@
-"""Training configuration in one place: one dataclass, loadable from YAML, overridable on the CLI.
+"""Training configuration: small dataclasses, one per concern, loadable from YAML and the CLI.
 
     python -m dancegrpo_fast.train --preset flux --model_path /ckpt/FLUX.1-dev \\
-        --prompt_file prompts.txt --rewards hpsv2:1.0 --lr 2e-5
+        --prompt_file prompts.txt --rewards hps:1.0 --optim.lr 2e-5
+
+Sections: model, sampler, grpo, rollout, optim, eval, runtime. Each field is set in YAML either
+in its section (``optim: {lr: 2e-5}``) or by its flat name (``lr: 2e-5``, how configs were
+written before sections; old ``config.yaml`` files in checkpoints load unchanged), and on the
+command line as ``--optim.lr`` or ``--lr``.
 
 Precedence: dataclass defaults < preset (``--preset NAME``) < YAML file (``--config FILE``) <
-command-line flags. ``--help`` lists every field with its default.
+command-line flags. ``--help`` lists every field with the value that will apply.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -22,98 +27,55 @@ FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "tiny")
 SAMPLERS = ("dance", "flow_grpo", "ddim")
 
 
+def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
+    """A config field. flat: its flat name when it differs from the field name (the CLI alias and
+    the key of pre-section YAML files); path: a file path, resolved against the preset's folder
+    when a shipped preset gives it relative."""
+    meta = {"help": help, "flat": flat, "path": path}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RewardSpec:
-    """One reward: its registry name, its weight in the combined advantage, its constructor
-    keyword arguments (e.g. a local model path)."""
+    """One reward: its name (in metrics and advantages), its weight in the combined advantage,
+    its constructor keyword arguments (e.g. a local model path), and the registered reward to
+    build when that is not the name itself (one reward twice with different settings)."""
 
     name: str
     weight: float = 1.0
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    type: str = ""
 
 
 @dataclass
-class TrainConfig:
-    # --- model -------------------------------------------------------------------------------
-    model_family: str = field(default="flux", metadata={"help": f"policy adapter: one of {FAMILIES}"})
-    model_path: str = field(default="", metadata={"help": "local diffusers-layout folder (model_index.json, transformer/unet, vae, text encoders, tokenizers, scheduler); for tiny, empty = the shipped weights"})
-    model_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen parts (VAE, text encoders, and the base weights under LoRA): float32, bfloat16 or float16"})
-    mixed_precision: str = field(default="bf16", metadata={"help": "bf16: bfloat16 autocast on CUDA (ignored on CPU); no: full precision"})
-    attention_backend: str = field(default="native", metadata={"help": "diffusers attention backend: native (PyTorch SDPA), flash (flash-attn), xformers, ..."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass"})
-    offload_text_encoders: bool = field(default=False, metadata={"help": "keep the text encoders on the CPU and move them to the GPU only to encode prompts not yet cached (saves e.g. HunyuanVideo's 16 GB Llama per GPU)"})
-    max_sequence_length: int = field(default=256, metadata={"help": "text encoder sequence length (T5/UMT5/Llama)"})
-    # --- data --------------------------------------------------------------------------------
-    prompt_file: str = field(default="", metadata={"help": "text file, one prompt per line (blank lines ignored)"})
-    output_dir: str = field(default="outputs/run", metadata={"help": "checkpoints, metrics.jsonl, sample grids"})
-    seed: int = field(default=42, metadata={"help": "base seed of prompts order, noise and timestep subsets"})
-    # --- resolution --------------------------------------------------------------------------
-    height: int = field(default=720, metadata={"help": "image/video height in pixels"})
-    width: int = field(default=720, metadata={"help": "image/video width in pixels"})
-    num_frames: int = field(default=1, metadata={"help": "video frames (HunyuanVideo, Wan); 1 for images"})
-    # --- sampler (SPEC 1) --------------------------------------------------------------------
-    sampler: str = field(default="dance", metadata={"help": f"one of {SAMPLERS}; SD 1.x needs ddim, flows dance or flow_grpo"})
-    num_steps: int = field(default=16, metadata={"help": "sampling steps S"})
-    shift: float = field(default=3.0, metadata={"help": "rectified-flow sigma shift"})
-    eta: float = field(default=0.3, metadata={"help": "SDE noise (dance, ddim) / noise_level (flow_grpo)"})
-    guidance_scale: float = field(default=3.5, metadata={"help": "FLUX/HunyuanVideo guidance embedding value"})
-    cfg_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance (SD 1.x 5.0, Wan 5.0) in rollout and training; 1 disables"})
-    negative_prompt: str = field(default="", metadata={"help": "negative prompt used with classifier-free guidance"})
-    sde_window_start: int = field(default=0, metadata={"help": "first SDE step (MixGRPO-style window)"})
-    sde_window_size: int = field(default=0, metadata={"help": "SDE steps in the window; 0 = every step is SDE. Steps outside are ODE steps, not trained"})
-    shared_noise: bool = field(default=True, metadata={"help": "the G samples of a prompt start from the same x_T"})
-    # --- GRPO (SPEC 2) -----------------------------------------------------------------------
-    prompts_per_rank: int = field(default=1, metadata={"help": "prompts per rank per iteration"})
-    group_size: int = field(default=12, metadata={"help": "G samples per prompt"})
-    rollout_batch_size: int = field(default=4, metadata={"help": "samples per forward pass in rollout"})
-    reward_overlap: bool = field(default=True, metadata={
-        "help": "score each rollout batch in a background thread while the next one samples"})
-    train_batch_size: int = field(default=1, metadata={"help": "samples per forward pass in training"})
-    gradient_accumulation_steps: int = field(default=12, metadata={"help": "training batches per optimizer step (per rank)"})
-    timestep_fraction: float = field(default=0.6, metadata={"help": "fraction of the S-1 trainable steps trained per sample"})
-    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip epsilon"})
-    adv_clip_max: float = field(default=5.0, metadata={"help": "advantage clamp"})
-    advantage: str = field(default="group", metadata={"help": "group (per prompt) or global (all ranks' rewards)"})
-    kl_beta: float = field(default=0.0, metadata={"help": "KL weight to the reference policy (base model / LoRA disabled); 0 = off"})
-    rewards: List[RewardSpec] = field(default_factory=list, metadata={"help": "rewards as name:weight,name:weight (kwargs via YAML)"})
-    max_skipped_group_fraction: float = field(default=1.0, metadata={"help": "stop the run with an error when at least this fraction of an iteration's groups (over all ranks) has a NaN/inf reward; fewer are skipped and counted. 1.0 = only when every group is unusable"})
-    # --- optimisation ------------------------------------------------------------------------
-    num_iterations: int = field(default=300, metadata={"help": "iterations (rollout + update) to run"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip; 0 disables"})
-    lr_scheduler: str = field(default="constant", metadata={"help": "constant, constant_with_warmup, linear, cosine"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "warm-up optimizer steps"})
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft) instead of the full model"})
-    lora_rank: int = field(default=32, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha"})
-    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "module names the LoRA adapts"})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the trainable weights (e.g. 0.995); 0 = off"})
-    # --- distributed -------------------------------------------------------------------------
-    parallel: str = field(default="ddp", metadata={"help": "ddp or fsdp (FSDP2 fully_shard) under torchrun"})
-    # --- checkpoints and logging -------------------------------------------------------------
-    checkpoint_every: int = field(default=10, metadata={"help": "write a checkpoint every K iterations (and at exit)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (newest)"})
-    overwrite: bool = field(default=False, metadata={"help": "a fresh run into an output_dir that holds an earlier run's files (metrics, checkpoints, pictures) first removes them; without it such a run stops"})
-    resume: str = field(default="", metadata={"help": "'latest' (newest in output_dir; a fresh start when there is none), a checkpoint folder, or empty"})
-    sample_every: int = field(default=0, metadata={"help": "save a sample grid every K iterations; 0 = never"})
-    tensorboard: bool = field(default=True, metadata={"help": "also log to TensorBoard when it is installed"})
-    progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar (rank 0)"})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads, set when the trainer starts (tiny runs are fastest on 1); 0 = leave torch's default"})
-    # --- held-out evaluation -----------------------------------------------------------------
-    eval_prompt_file: str = field(default="", metadata={"help": "held-out prompts for evaluation, one per line; empty = for model_family tiny its shipped held-out list, for other families no evaluation"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate on the held-out prompts every K iterations, before the first and after the last; 0 = never"})
-    eval_num_prompts: int = field(default=0, metadata={"help": "evaluate on the first N held-out prompts; 0 = all"})
-    eval_samples_per_prompt: int = field(default=1, metadata={"help": "samples per held-out prompt at each evaluation"})
-    eval_seed: int = field(default=0, metadata={"help": "seed of the evaluation noise: the same prompts and noise at every evaluation, so the curve compares models, not noise"})
+class ModelConfig:
+    family: str = _f("flux", f"policy adapter: one of {FAMILIES}", flat="model_family")
+    path: str = _f("", "local diffusers-layout folder (model_index.json, transformer/unet, vae, text encoders, tokenizers, scheduler); for tiny, empty = the shipped weights", flat="model_path")
+    dtype: str = _f("float32", "dtype of the frozen parts (VAE, text encoders, and the base weights under LoRA): float32, bfloat16 or float16", flat="model_dtype")
+    mixed_precision: str = _f("bf16", "bf16: bfloat16 autocast on CUDA (ignored on CPU); no: full precision")
+    attention_backend: str = _f("native", "diffusers attention backend: native (PyTorch SDPA), flash (flash-attn), xformers, ...")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    offload_text_encoders: bool = _f(False, "keep the text encoders on the CPU and move them to the GPU only to encode prompts not yet cached (saves e.g. HunyuanVideo's 16 GB Llama per GPU)")
+    max_sequence_length: int = _f(256, "text encoder sequence length (T5/UMT5/Llama)")
+    height: int = _f(720, "image/video height in pixels")
+    width: int = _f(720, "image/video width in pixels")
+    num_frames: int = _f(1, "video frames (HunyuanVideo, Wan); 1 for images")
 
-    # ------------------------------------------------------------------------------------------
-    @property
-    def samples_per_rank(self) -> int:
-        return self.prompts_per_rank * self.group_size
+
+@dataclass
+class SamplerConfig:
+    name: str = _f("dance", f"one of {SAMPLERS}; SD 1.x needs ddim, flows dance or flow_grpo", flat="sampler")
+    num_steps: int = _f(16, "sampling steps S")
+    shift: float = _f(3.0, "rectified-flow sigma shift")
+    eta: float = _f(0.3, "SDE noise (dance, ddim) / noise_level (flow_grpo)")
+    guidance_scale: float = _f(3.5, "FLUX/HunyuanVideo guidance embedding value")
+    cfg_scale: float = _f(1.0, "classifier-free guidance (SD 1.x 5.0, Wan 5.0) in rollout and training; 1 disables")
+    negative_prompt: str = _f("", "negative prompt used with classifier-free guidance")
+    sde_window_start: int = _f(0, "first SDE step (MixGRPO-style window)")
+    sde_window_size: int = _f(0, "SDE steps in the window; 0 = every step is SDE. Steps outside are ODE steps, not trained")
+    shared_noise: bool = _f(True, "the G samples of a prompt start from the same x_T")
 
     def sde_steps(self) -> List[int]:
         """Indices of the SDE (stochastic, trainable) steps among 0..num_steps-1."""
@@ -125,87 +87,231 @@ class TrainConfig:
         """SDE steps minus the last transition (SPEC 2)."""
         return [i for i in self.sde_steps() if i < self.num_steps - 1]
 
-    def trained_timesteps(self) -> int:
-        return int(len(self.trainable_steps()) * self.timestep_fraction)
 
+@dataclass
+class GRPOConfig:
+    group_size: int = _f(12, "G samples per prompt")
+    timestep_fraction: float = _f(0.6, "fraction of the S-1 trainable steps trained per sample")
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon")
+    adv_clip_max: float = _f(5.0, "advantage clamp")
+    advantage: str = _f("group", "group (per prompt) or global (all ranks' rewards)")
+    kl_beta: float = _f(0.0, "KL weight to the reference policy (base model / LoRA disabled); 0 = off")
+    max_skipped_group_fraction: float = _f(1.0, "stop the run with an error when at least this fraction of an iteration's groups (over all ranks) has a NaN/inf reward; fewer are skipped and counted. 1.0 = only when every group is unusable")
+
+
+@dataclass
+class RolloutConfig:
+    prompt_file: str = _f("", "text file, one prompt per line (blank lines ignored)", path=True)
+    prompts_per_rank: int = _f(1, "prompts per rank per iteration")
+    batch_size: int = _f(4, "samples per forward pass in rollout", flat="rollout_batch_size")
+    rewards: List[RewardSpec] = _f(list, "rewards as name:weight,name:weight (kwargs via YAML)")
+    reward_modules: List[str] = _f(list, "Python modules imported before the rewards are built; each registers its rewards with dancegrpo_fast.rewards.register_reward (how a task of your own brings its reward)")
+    reward_overlap: bool = _f(True, "score each rollout batch in a background thread while the next one samples")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-5, "AdamW learning rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip; 0 disables")
+    lr_scheduler: str = _f("constant", "constant, constant_with_warmup, linear, cosine")
+    lr_warmup_steps: int = _f(0, "warm-up optimizer steps")
+    batch_size: int = _f(1, "samples per forward pass in training", flat="train_batch_size")
+    gradient_accumulation_steps: int = _f(12, "training batches per optimizer step (per rank)")
+    use_lora: bool = _f(False, "train a LoRA adapter (peft) instead of the full model")
+    lora_rank: int = _f(32, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha")
+    lora_target_modules: List[str] = _f(lambda: ["to_q", "to_k", "to_v", "to_out.0"], "module names the LoRA adapts")
+    ema_decay: float = _f(0.0, "EMA of the trainable weights (e.g. 0.995); 0 = off")
+
+
+@dataclass
+class EvalConfig:
+    prompt_file: str = _f("", "held-out prompts for evaluation, one per line; empty = no evaluation", flat="eval_prompt_file", path=True)
+    every: int = _f(0, "evaluate on the held-out prompts every K iterations, before the first and after the last; 0 = never", flat="eval_every")
+    num_prompts: int = _f(0, "evaluate on the first N held-out prompts; 0 = all", flat="eval_num_prompts")
+    samples_per_prompt: int = _f(1, "samples per held-out prompt at each evaluation", flat="eval_samples_per_prompt")
+    seed: int = _f(0, "seed of the evaluation noise: the same prompts and noise at every evaluation, so the curve compares models, not noise", flat="eval_seed")
+
+
+@dataclass
+class RuntimeConfig:
+    num_iterations: int = _f(300, "iterations (rollout + update) to run")
+    seed: int = _f(42, "base seed of prompts order, noise and timestep subsets")
+    output_dir: str = _f("outputs/run", "checkpoints, metrics.jsonl, sample grids")
+    parallel: str = _f("ddp", "ddp or fsdp (FSDP2 fully_shard) under torchrun")
+    checkpoint_every: int = _f(10, "write a checkpoint every K iterations (and at exit)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk (newest)")
+    overwrite: bool = _f(False, "a fresh run into an output_dir that holds an earlier run's files (metrics, checkpoints, pictures) first removes them; without it such a run stops")
+    resume: str = _f("", "'latest' (newest in output_dir; a fresh start when there is none), a checkpoint folder, or empty")
+    sample_every: int = _f(0, "save a sample grid every K iterations; 0 = never")
+    tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
+    progress_bar: bool = _f(True, "show a tqdm progress bar (rank 0)")
+    threads: int = _f(0, "torch intra-op threads, set when the trainer starts (tiny runs are fastest on 1); 0 = leave torch's default")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def samples_per_rank(self) -> int:
+        return self.rollout.prompts_per_rank * self.grpo.group_size
+
+    def trained_timesteps(self) -> int:
+        """T: timesteps trained per sample, int(trainable steps * timestep_fraction) (SPEC 2)."""
+        return int(len(self.sampler.trainable_steps()) * self.grpo.timestep_fraction)
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.samples_per_rank // self.optim.batch_size // self.optim.gradient_accumulation_steps
+
+    # --- checks ------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the field for any inconsistent setting."""
+        """Raise ValueError naming the field (by its flat name, the CLI flag) for any inconsistent
+        setting."""
         def need(cond, msg):
             if not cond:
                 raise ValueError(msg)
 
-        need(self.model_family in FAMILIES, f"model_family must be one of {FAMILIES}, got {self.model_family!r}")
-        need(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.model_family == "sd":
-            need(self.sampler == "ddim", f"model_family 'sd' (SD 1.x, epsilon prediction) needs sampler 'ddim', got {self.sampler!r}")
+        m, sa, g, r, o, e, rt = self.model, self.sampler, self.grpo, self.rollout, self.optim, self.eval, self.runtime
+        need(m.family in FAMILIES, f"model_family must be one of {FAMILIES}, got {m.family!r}")
+        need(sa.name in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {sa.name!r}")
+        if m.family == "sd":
+            need(sa.name == "ddim", f"model_family 'sd' (SD 1.x, epsilon prediction) needs sampler 'ddim', got {sa.name!r}")
         else:
-            need(self.sampler != "ddim", f"sampler 'ddim' is for model_family 'sd'; {self.model_family} is a rectified flow: use dance or flow_grpo")
-        need(isinstance(self.group_size, int) and self.group_size >= 2,
-             f"group_size must be an integer >= 2 (GRPO compares samples of one prompt), got {self.group_size!r}")
-        for name in ("prompts_per_rank", "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps",
-                     "num_steps", "num_iterations", "height", "width", "num_frames"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            need(sa.name != "ddim", f"sampler 'ddim' is for model_family 'sd'; {m.family} is a rectified flow: use dance or flow_grpo")
+        need(isinstance(g.group_size, int) and g.group_size >= 2,
+             f"group_size must be an integer >= 2 (GRPO compares samples of one prompt), got {g.group_size!r}")
+        for section, name in ((r, "prompts_per_rank"), (r, "batch_size"), (o, "batch_size"),
+                              (o, "gradient_accumulation_steps"), (sa, "num_steps"), (rt, "num_iterations"),
+                              (m, "height"), (m, "width"), (m, "num_frames")):
+            value = getattr(section, name)
+            need(isinstance(value, int) and value >= 1,
+                 f"{flat_name(section, name)} must be an integer >= 1, got {value!r}")
         n = self.samples_per_rank
-        need(n % self.rollout_batch_size == 0,
-             f"rollout_batch_size={self.rollout_batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
-        need(n % self.train_batch_size == 0,
-             f"train_batch_size={self.train_batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
-        batches = n // self.train_batch_size
-        need(batches % self.gradient_accumulation_steps == 0,
-             f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide the {batches} training batches per rank "
-             f"({n} samples / train_batch_size {self.train_batch_size})")
-        need(0 < self.timestep_fraction <= 1, f"timestep_fraction must lie in (0, 1], got {self.timestep_fraction!r}")
-        need(self.sde_window_start >= 0 and self.sde_window_size >= 0
-             and self.sde_window_start + self.sde_window_size <= self.num_steps,
-             f"the SDE window [{self.sde_window_start}, {self.sde_window_start + self.sde_window_size}) must lie in [0, num_steps={self.num_steps}]")
+        need(n % r.batch_size == 0,
+             f"rollout_batch_size={r.batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
+        need(n % o.batch_size == 0,
+             f"train_batch_size={o.batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
+        batches = n // o.batch_size
+        need(batches % o.gradient_accumulation_steps == 0,
+             f"gradient_accumulation_steps={o.gradient_accumulation_steps} must divide the {batches} training batches per rank "
+             f"({n} samples / train_batch_size {o.batch_size})")
+        need(0 < g.timestep_fraction <= 1, f"timestep_fraction must lie in (0, 1], got {g.timestep_fraction!r}")
+        need(sa.sde_window_start >= 0 and sa.sde_window_size >= 0
+             and sa.sde_window_start + sa.sde_window_size <= sa.num_steps,
+             f"the SDE window [{sa.sde_window_start}, {sa.sde_window_start + sa.sde_window_size}) must lie in [0, num_steps={sa.num_steps}]")
         need(self.trained_timesteps() >= 1,
-             f"no timestep would be trained: {len(self.trainable_steps())} trainable SDE steps (the last transition is dropped) "
-             f"x timestep_fraction {self.timestep_fraction} < 1; raise num_steps, the SDE window or timestep_fraction")
-        need(self.advantage in ("group", "global"), f"advantage must be 'group' or 'global', got {self.advantage!r}")
-        need(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        need(self.mixed_precision in ("bf16", "no"), f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}")
-        need(self.model_dtype in ("float32", "bfloat16", "float16"), f"model_dtype must be float32, bfloat16 or float16, got {self.model_dtype!r}")
-        need(self.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
-             f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {self.lr_scheduler!r}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr!r}")
-        need(self.eta >= 0, f"eta must be >= 0, got {self.eta!r}")
-        need(self.kl_beta >= 0, f"kl_beta must be >= 0, got {self.kl_beta!r}")
-        need(0 < self.max_skipped_group_fraction <= 1,
+             f"no timestep would be trained: {len(sa.trainable_steps())} trainable SDE steps (the last transition is dropped) "
+             f"x timestep_fraction {g.timestep_fraction} < 1; raise num_steps, the SDE window or timestep_fraction")
+        need(g.advantage in ("group", "global"), f"advantage must be 'group' or 'global', got {g.advantage!r}")
+        need(rt.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {rt.parallel!r}")
+        need(m.mixed_precision in ("bf16", "no"), f"mixed_precision must be 'bf16' or 'no', got {m.mixed_precision!r}")
+        need(m.dtype in ("float32", "bfloat16", "float16"), f"model_dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+        need(o.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
+             f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {o.lr_scheduler!r}")
+        need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")
+        need(sa.eta >= 0, f"eta must be >= 0, got {sa.eta!r}")
+        need(g.kl_beta >= 0, f"kl_beta must be >= 0, got {g.kl_beta!r}")
+        need(0 < g.max_skipped_group_fraction <= 1,
              f"max_skipped_group_fraction must lie in (0, 1] (the fraction of an iteration's groups with NaN/inf "
-             f"rewards that stops the run), got {self.max_skipped_group_fraction!r}")
-        need(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every!r}")
-        for name in ("eval_every", "eval_num_prompts", "threads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
-                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        need(isinstance(self.eval_samples_per_prompt, int) and self.eval_samples_per_prompt >= 1,
-             f"eval_samples_per_prompt must be an integer >= 1, got {self.eval_samples_per_prompt!r}")
-        need(isinstance(self.eval_seed, int), f"eval_seed must be an integer, got {self.eval_seed!r}")
-        for spec in self.rewards:
+             f"rewards that stops the run), got {g.max_skipped_group_fraction!r}")
+        need(0 <= o.ema_decay < 1, f"ema_decay must lie in [0, 1), got {o.ema_decay!r}")
+        need(rt.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {rt.checkpoint_every!r}")
+        for section, name in ((e, "every"), (e, "num_prompts"), (rt, "threads")):
+            value = getattr(section, name)
+            need(isinstance(value, int) and value >= 0,
+                 f"{flat_name(section, name)} must be an integer >= 0, got {value!r}")
+        need(isinstance(e.samples_per_prompt, int) and e.samples_per_prompt >= 1,
+             f"eval_samples_per_prompt must be an integer >= 1, got {e.samples_per_prompt!r}")
+        need(isinstance(e.seed, int), f"eval_seed must be an integer, got {e.seed!r}")
+        for spec in r.rewards:
             need(isinstance(spec, RewardSpec) and spec.name, f"each reward needs a name, got {spec!r}")
             need(math.isfinite(spec.weight), f"reward {spec.name!r} has a non-finite weight {spec.weight!r}")
         # Scores, weights and advantages are keyed by name: a repeated name would silently keep
         # only one of them.
-        names = [spec.name for spec in self.rewards]
+        names = [spec.name for spec in r.rewards]
         repeated = sorted({n for n in names if names.count(n) > 1})
         need(not repeated, f"rewards: each name may appear once, {repeated} appear more than once "
                            "(combine them into one weight, or register the variant under its own name)")
         return self
 
+    # --- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
+        """{section: {field: value}}, plain data."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any], base: Optional["TrainConfig"] = None) -> "TrainConfig":
-        """A config with `values` applied over `base` (or the defaults); unknown keys are errors."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        config = dataclasses.replace(base) if base is not None else cls()
-        for key, value in values.items():
-            setattr(config, key, _coerce(known[key], value))
+    def from_dict(cls, values: Dict[str, Any], base: Optional["TrainConfig"] = None,
+                  relative_to: Optional[Path] = None) -> "TrainConfig":
+        """A config with `values` applied over `base` (or the defaults). Keys: a section name
+        with a mapping, "section.field", or a flat name (module docstring); unknown keys are
+        errors. relative_to: the folder that relative file paths in `values` are resolved
+        against (a shipped preset's folder); None keeps them as given."""
+        config = copy_config(base) if base is not None else cls()
+        for key, value in _flatten(values):
+            section, f = _lookup(key)
+            value = _coerce(f, value)
+            if f.metadata.get("path") and value and relative_to is not None and not Path(value).is_absolute():
+                value = str((relative_to / value).resolve())
+            setattr(getattr(config, section), f.name, value)
         return config
+
+
+SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in fields(TrainConfig)}
+
+
+def copy_config(config: TrainConfig) -> TrainConfig:
+    """A copy whose sections (and lists) can be changed without touching `config`."""
+    return TrainConfig(**{name: dataclasses.replace(getattr(config, name)) for name in SECTIONS})
+
+
+def flat_name(section_or_config, name: str) -> str:
+    """The flat name (CLI alias) of a section's field, e.g. EvalConfig.every -> eval_every."""
+    f = {f.name: f for f in fields(section_or_config)}[name]
+    return f.metadata.get("flat") or f.name
+
+
+def _field_table() -> Dict[str, Tuple[str, dataclasses.Field]]:
+    """{"section.field" and flat name: (section, Field)}."""
+    table = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            table[f"{section}.{f.name}"] = (section, f)
+            table[f.metadata.get("flat") or f.name] = (section, f)
+    return table
+
+
+FIELDS = _field_table()
+
+
+def _lookup(key: str) -> Tuple[str, dataclasses.Field]:
+    if key not in FIELDS:
+        raise ValueError(f"unknown config key {key!r}; known keys: the sections {sorted(SECTIONS)} with their fields "
+                         f"(python -m dancegrpo_fast.train --help lists them)")
+    return FIELDS[key]
+
+
+def _flatten(values: Dict[str, Any]):
+    """(key, value) pairs: a section given as a mapping becomes "section.field" keys. "sampler"
+    is both a section and the flat name of the sampler's name: a mapping is the section."""
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                yield f"{key}.{sub}", sub_value
+        else:
+            yield key, value
 
 
 def parse_rewards(value) -> List[RewardSpec]:
@@ -214,7 +320,10 @@ def parse_rewards(value) -> List[RewardSpec]:
         specs = []
         for item in filter(None, (part.strip() for part in value.split(","))):
             name, _, weight = item.partition(":")
-            specs.append(RewardSpec(name.strip(), float(weight) if weight else 1.0))
+            try:
+                specs.append(RewardSpec(name.strip(), float(weight) if weight else 1.0))
+            except ValueError:
+                raise ValueError(f"rewards: the weight of {name.strip()!r} must be a number, got {weight!r}") from None
         return specs
     specs = []
     for item in value or []:
@@ -223,9 +332,13 @@ def parse_rewards(value) -> List[RewardSpec]:
         elif isinstance(item, str):
             specs.extend(parse_rewards(item))
         elif isinstance(item, dict):
-            specs.append(RewardSpec(item["name"], float(item.get("weight", 1.0)), dict(item.get("kwargs", {}))))
+            unknown = sorted(set(item) - {"name", "weight", "kwargs", "type"})
+            if "name" not in item or unknown:
+                raise ValueError(f"rewards: each entry needs a name and may have weight, kwargs and type; got {item!r}")
+            specs.append(RewardSpec(item["name"], float(item.get("weight", 1.0)), dict(item.get("kwargs") or {}),
+                                    str(item.get("type") or "")))
         else:
-            raise ValueError(f"a reward must be 'name:weight' or {{name, weight, kwargs}}, got {item!r}")
+            raise ValueError(f"a reward must be 'name:weight' or {{name, weight, kwargs, type}}, got {item!r}")
     return specs
 
 
@@ -242,24 +355,30 @@ def _parse_bool(value) -> bool:
 
 def _coerce(f: dataclasses.Field, value):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = f.metadata.get("flat") or f.name
     if f.name == "rewards":
         return parse_rewards(value)
-    if f.name == "lora_target_modules":
-        return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if kind == "List[str]":
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
     try:
         if kind == "bool":
             return _parse_bool(value)
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if kind == "float":
             return float(value)
         if kind == "str":
-            return str(value)
+            return "" if value is None else str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config field {f.name!r} expects {kind}, got {value!r}") from None
+        raise ValueError(f"config field {name!r} expects {kind}, got {value!r}") from None
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets, YAML files and the command line
+# ----------------------------------------------------------------------------------------------
 
 
 def available_presets() -> List[str]:
@@ -291,27 +410,41 @@ def load_preset(name: str) -> Dict[str, Any]:
     return _load_yaml(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def apply_preset(name: str, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """`base` (or the defaults) with the shipped preset applied; its relative file paths (a
+    task's prompt lists) point into the package."""
+    return TrainConfig.from_dict(load_preset(name), base, relative_to=PRESET_DIR)
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        if value and isinstance(value[0], RewardSpec):
+            return ",".join(f"{r.name}:{r.weight:g}" for r in value)
+        return ",".join(map(str, value)) or "(none)"
+    return repr(value) if value == "" else str(value)
+
+
+def build_parser(shown: Optional[TrainConfig] = None, shown_from: str = "defaults",
+                 add_help: bool = True) -> argparse.ArgumentParser:
+    """The CLI: every field as --section.field and its flat name. `shown`: the config whose
+    values --help prints (the defaults, or the preset / YAML the command names)."""
     parser = argparse.ArgumentParser(
-        prog="python -m dancegrpo_fast.train",
+        prog="python -m dancegrpo_fast.train", allow_abbrev=False, add_help=add_help,
         description="DanceGRPO training. Precedence: defaults < --preset < --config < flags. With no "
                     "--preset, --config, --model_family or --model_path: the built-in tiny task "
-                    "(--preset tiny), which trains on a CPU in minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of field: value")
+                    f"(--preset tiny), which trains on a CPU in minutes. Values shown: {shown_from}.")
+    parser.add_argument("--config", default=None, help="YAML file of field: value (or section: {field: value})")
     parser.add_argument("--preset", default=None, help=f"one of {available_presets()}")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        default = getattr(defaults, f.name)
-        if f.name == "rewards":
-            shown = ",".join(f"{r.name}:{r.weight}" for r in default) or "(none)"
-        elif isinstance(default, list):
-            shown = ",".join(map(str, default))
-        else:
-            shown = default
-        # argparse.SUPPRESS: a flag not given does not override the preset / YAML value.
-        parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} (default: {shown})")
+    shown = shown or TrainConfig()
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"{section} (YAML section '{section}:')")
+        values = getattr(shown, section)
+        for f in fields(values):
+            flat = f.metadata.get("flat") or f.name
+            # argparse.SUPPRESS: a flag not given does not override the preset / YAML value.
+            group.add_argument(f"--{flat}", f"--{section}.{f.name}", dest=f"{section}.{f.name}",
+                               default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               help=f"{f.metadata['help']} (value: {_shown(getattr(values, f.name))})")
     return parser
 
 
@@ -324,24 +457,71 @@ def _is_tiny_folder(path: str) -> bool:
         return False
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """defaults < --preset < --config < command-line flags; validated."""
-    args = build_parser().parse_args(argv)
-    values = vars(args)
-    config = TrainConfig()
-    preset = values.pop("preset")
-    config_file = values.pop("config")
-    if not preset and not config_file and "model_family" not in values and (
-            "model_path" not in values or _is_tiny_folder(values["model_path"])):
+def _base_config(preset: Optional[str], config_file: Optional[str], flags: Dict[str, Any]) -> Tuple[TrainConfig, str]:
+    """defaults < preset < YAML file, and what that is (for --help)."""
+    given = set(flags)
+    if not preset and not config_file and not given & {"model.family"} and (
+            "model.path" not in given or _is_tiny_folder(flags["model.path"])):
         # No model named at all, or only a tiny-model folder (pretrain_tiny's output or a
         # snapshot of it): the built-in tiny task that trains on a CPU.
         preset = "tiny"
+    config, source = TrainConfig(), ["defaults"]
     if preset:
-        config = TrainConfig.from_dict(load_preset(preset), config)
+        config = apply_preset(preset, config)
+        source.append(f"preset {preset}")
     if config_file:
         config = TrainConfig.from_dict(_load_yaml(config_file), config)
-    config = TrainConfig.from_dict(values, config)
-    return config.validate()
+        source.append(f"config {config_file}")
+    return config, " < ".join(source)
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """defaults < --preset < --config < command-line flags; validated."""
+    # First pass without --help: which preset / YAML / model the command names.
+    args, _ = build_parser(add_help=False).parse_known_args(argv)
+    values = vars(args)
+    preset, config_file = values.pop("preset"), values.pop("config")
+    base, source = _base_config(preset, config_file, values)
+    # Parsed again with the values that apply, so that --help shows them.
+    values = vars(build_parser(base, source).parse_args(argv))
+    values.pop("preset")
+    values.pop("config")
+    return TrainConfig.from_dict(values, base).validate()
+
+
+def given_keys(argv: Sequence[str]) -> List[str]:
+    """The config keys ("section.field") a command line sets: its flags and the keys of its
+    --config file (not its preset)."""
+    values = vars(build_parser(add_help=False).parse_known_args(list(argv))[0])
+    config_file = values.pop("config")
+    values.pop("preset")
+    keys = [f"{FIELDS[key][0]}.{FIELDS[key][1].name}" for key, _ in _flatten(_load_yaml(config_file))] if config_file else []
+    return list(dict.fromkeys(keys + list(values)))
+
+
+def resumed_config(saved: Dict[str, Any], parsed: TrainConfig, argv: Sequence[str],
+                   checkpoint) -> Tuple[TrainConfig, str]:
+    """A resumed run: its saved configuration (`saved`: (plain data, iteration) of the checkpoint)
+    with only the settings this command line gives taken from `parsed`. Returns the config and
+    what to tell the user: which settings changed, or, when the run has already done all of its
+    iterations, "nothing to do: ..." with how to extend it."""
+    data, iteration = saved
+    config = TrainConfig.from_dict(data)
+    changed = []
+    for key in given_keys(argv):
+        section, name = key.split(".")
+        old, new = getattr(getattr(config, section), name), getattr(getattr(parsed, section), name)
+        setattr(getattr(config, section), name, new)
+        if old != new and key != "runtime.resume":
+            changed.append(f"{flat_name(getattr(config, section), name)} {_shown(old)} -> {_shown(new)}")
+    config.validate()
+    total = config.runtime.num_iterations
+    if iteration >= total:
+        return config, (f"nothing to do: the run in {config.runtime.output_dir} has done all of its {total} "
+                        f"iterations (checkpoint {checkpoint}); to train further, resume with "
+                        f"--num_iterations {total + max(total // 2, 1)} (or more)")
+    what = "; changed on the command line: " + ", ".join(changed) if changed else " (nothing changed on the command line)"
+    return config, f"resuming {checkpoint} at iteration {iteration} of {total} with the run's saved settings{what}"
 
 
 def config_to_yaml(config: TrainConfig) -> str:

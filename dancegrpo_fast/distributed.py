@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch import Tensor, nn
 
 
@@ -64,14 +67,9 @@ def wrap_model(model: nn.Module, parallel: str, state: DistributedState, mixed_p
     if not state.enabled:
         return model
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [state.local_rank] if state.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         mesh = init_device_mesh(state.device.type, (state.world_size,))
         kwargs = {"mesh": mesh}
         dtypes = {p.dtype for p in model.parameters()}

@@ -5,7 +5,7 @@ computes the same loss in one pass over the latents and is tested against these 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -86,6 +86,48 @@ def combine_advantages(advantages: Union[Mapping[str, Tensor], Sequence[Tensor]]
                              f"{tuple(total.shape)}")
         total = total + float(weight) * adv.to(torch.float32)
     return total
+
+
+def compute_advantages(scores: Mapping[str, Tensor], weights: Mapping[str, float], group_size: int,
+                       mode: str = "group", gather: Optional[Callable[[Tensor], Tensor]] = None, rank: int = 0,
+                       eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+    """The advantages of one iteration (SPEC 2): each reward's own normalised advantages, summed
+    with the rewards' weights. Returns ((B,) float32 advantages, (B,) bool mask of usable samples).
+
+    scores: {reward name: (B,)} with the group_size samples of a prompt contiguous. A group with a
+    non-finite score (NaN/inf) in any reward is unusable: its advantages are 0 (no gradient) and
+    it is left out of the statistics. mode "group": per-prompt normalisation; "global": the mean
+    and std of the usable scores of every rank, which `gather` concatenates in rank order (each
+    rank holding B samples; None = a single process), this rank being `rank`.
+    """
+    names = list(scores)
+    if not names:
+        raise ValueError("compute_advantages needs at least one reward's scores")
+    if set(weights) != set(names):
+        raise ValueError(f"weights must name the scored rewards {sorted(names)}, got {sorted(weights)}")
+    if mode not in ("group", "global"):
+        raise ValueError(f"mode must be 'group' or 'global', got {mode!r}")
+    batch = scores[names[0]].shape[0]
+    check_group_size(group_size, batch)
+    finite = torch.stack([torch.isfinite(scores[n]) for n in names]).all(dim=0)
+    valid = finite.view(-1, group_size).all(dim=1).repeat_interleave(group_size)
+    gather = gather or (lambda t: t)
+    per_reward: Dict[str, Tensor] = {}
+    for name in names:
+        filled = torch.where(valid, scores[name], torch.zeros_like(scores[name]))
+        if mode == "group":
+            adv = group_advantages(filled, group_size, eps)
+        else:
+            gathered = gather(filled)
+            gathered_valid = gather(valid.to(torch.uint8)).bool()
+            if int(gathered_valid.sum()) < 2:
+                adv = torch.zeros(batch)
+            else:
+                full = torch.zeros_like(gathered, dtype=torch.float32)
+                full[gathered_valid] = global_advantages(gathered[gathered_valid], eps)
+                adv = full[rank * batch:(rank + 1) * batch]
+        per_reward[name] = torch.where(valid, adv, torch.zeros_like(adv))
+    return combine_advantages(per_reward, {n: weights[n] for n in names}), valid
 
 
 def _check_loss_inputs(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,

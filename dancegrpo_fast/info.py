@@ -5,14 +5,14 @@ import json
 import platform
 import sys
 
+import torch
+
+from . import kernels
+from .noise import extension_status
+from .ops import resolve_backend
+
 
 def backend_info() -> dict:
-    import torch
-
-    from . import kernels
-    from .noise import extension_status
-    from .ops import resolve_backend
-
     cuda = torch.cuda.is_available()
     info = {
         "python": platform.python_version(),

@@ -339,3 +339,39 @@ def seed_for_step(seeds, step: int) -> torch.Tensor:
         raise ValueError(f"step must be >= 0, got {step}")
     values = [_seed_for_step_int(int(s), int(step)) for s in seeds_t.tolist()]
     return torch.tensor(values, dtype=torch.int64, device=seeds_t.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds of the training run: every random draw of a run is keyed by integers (base seed,
+# iteration, sample or prompt number, purpose), never by a generator's running state, so that a
+# rollout is the same at any batch size, on any number of ranks, and after a resume.
+# ----------------------------------------------------------------------------------------------
+
+_MASK63 = (1 << 63) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 chained), e.g. (base seed, iteration, sample)."""
+    value = 0x2545F4914F6CDD1D
+    for part in parts:
+        value = splitmix64((value ^ (int(part) & _MASK64)) & _MASK64)
+    return value & _MASK63
+
+
+def sample_seeds(base_seed: int, iteration: int, first_sample: int, count: int) -> torch.Tensor:
+    """(count,) int64 seeds of global samples first_sample .. first_sample + count - 1 (their
+    step noise and their trained-timestep subsets derive from these)."""
+    return torch.tensor([mix_seed(base_seed, iteration, 1, first_sample + k) for k in range(count)], dtype=torch.int64)
+
+
+def prompt_seeds(base_seed: int, iteration: int, first_prompt: int, count: int) -> torch.Tensor:
+    """(count,) int64 initial-noise seeds of global prompts first_prompt .. (shared noise)."""
+    return torch.tensor([mix_seed(base_seed, iteration, 2, first_prompt + k) for k in range(count)], dtype=torch.int64)
+
+
+def eval_seeds(seed: int, entries: Sequence[int]) -> tuple:
+    """Initial-noise and step-noise seeds of held-out evaluation entries (entry k of the eval
+    list): ((n,), (n,)) int64, the same at every evaluation of a run."""
+    entries = [int(k) for k in entries]
+    return (torch.tensor([mix_seed(seed, k, 1) for k in entries], dtype=torch.int64),
+            torch.tensor([mix_seed(seed, k, 2) for k in entries], dtype=torch.int64))

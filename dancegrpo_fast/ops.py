@@ -21,7 +21,8 @@ from torch import Tensor
 from . import kernels
 from .kernels import step_loss_torch
 from .kernels.sde_step_torch import sde_step_torch
-from .sde import StepCoefficients, check_step_shapes
+from .noise import grouped_noise, seed_for_step
+from .sde import SDEStepOutput, StepCoefficients, check_step_shapes
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -60,15 +61,6 @@ class StepLossOutput:
     ratio: Tensor
     clipped: Tensor
     kl: Tensor
-
-
-@dataclass
-class SDEStepResult:
-    """prev_sample: next latents, dtype of the latents. log_prob: (B,) float32, None for a
-    deterministic step."""
-
-    prev_sample: Tensor
-    log_prob: Optional[Tensor]
 
 
 def _check_coefficients(coeffs: StepCoefficients, batch: int, device: torch.device,
@@ -160,8 +152,6 @@ def step_log_prob(model_output: Tensor, latents: Tensor, next_latents: Tensor,
 
 
 def _step_seeds(seeds, step_index: Optional[int], batch: int, device: torch.device) -> Tensor:
-    from .noise import seed_for_step
-
     seeds = torch.as_tensor(seeds)
     if seeds.shape != (batch,) or seeds.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"seeds must be an integer tensor of shape ({batch},) (one per sample), "
@@ -174,7 +164,7 @@ def _step_seeds(seeds, step_index: Optional[int], batch: int, device: torch.devi
 @torch.no_grad()
 def sde_step(model_output: Tensor, latents: Tensor, coeffs: StepCoefficients,
              noise: Optional[Tensor] = None, seeds: Optional[Tensor] = None,
-             step_index: Optional[int] = None, backend: Optional[str] = None) -> SDEStepResult:
+             step_index: Optional[int] = None, backend: Optional[str] = None) -> SDEStepOutput:
     """One rollout step in one pass: x' = a x + b v + s * eps and log_prob(x').
 
     noise: eps of the latents' shape; or seeds: (B,) int64 per-sample seeds, with step_index
@@ -203,8 +193,6 @@ def sde_step(model_output: Tensor, latents: Tensor, coeffs: StepCoefficients,
     elif seeds is not None:
         seeds = _step_seeds(seeds, step_index, batch, latents.device)
         if not use_triton:
-            from .noise import grouped_noise
-
             noise = grouped_noise(seeds, 1, tuple(latents.shape[1:]), torch.float32, latents.device)
             seeds = None
     if use_triton:
@@ -215,7 +203,7 @@ def sde_step(model_output: Tensor, latents: Tensor, coeffs: StepCoefficients,
     else:
         prev_sample, sq = sde_step_torch(model_output, latents, coeffs.a, coeffs.b, coeffs.s, noise=noise)
     if deterministic:
-        return SDEStepResult(prev_sample=prev_sample, log_prob=None)
+        return SDEStepOutput(prev_sample=prev_sample, log_prob=None, std=coeffs.s)
     n = latents[0].numel()
-    return SDEStepResult(prev_sample=prev_sample,
-                         log_prob=step_loss_torch.log_prob_from_sums(sq, coeffs.s.to(torch.float32), n))
+    std = coeffs.s.to(torch.float32)
+    return SDEStepOutput(prev_sample=prev_sample, log_prob=step_loss_torch.log_prob_from_sums(sq, std, n), std=std)

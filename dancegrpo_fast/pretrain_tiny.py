@@ -36,6 +36,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .tiny import task
+from .tiny.model import DEFAULT_VAE, TinyFlowPipeline
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dancegrpo_fast.pretrain_tiny", description=__doc__.split("\n\n")[0],
@@ -78,8 +81,6 @@ def sample_times(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 def save(pipe, ema: Optional[Dict[str, torch.Tensor]], folder: Path, record: Dict, storage_dtype: str) -> None:
     """Write the (EMA) weights and the record into `folder`."""
-    from .tiny.model import TinyFlowPipeline
-
     to_save = pipe
     if ema is not None:
         to_save = TinyFlowPipeline(copy.deepcopy(pipe.transformer), copy.deepcopy(pipe.text_encoder), pipe.image_size,
@@ -124,9 +125,6 @@ def pretrain_vae(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
     latents of 1024 fresh scenes (so the flow sees unit-scale latents); write OUT/vae."""
     from diffusers import AutoencoderKL
 
-    from .tiny import task
-    from .tiny.model import DEFAULT_VAE
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**DEFAULT_VAE)
@@ -165,9 +163,6 @@ def pretrain_vae(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
 
 
 def pretrain(args: argparse.Namespace, argv: Sequence[str]) -> Dict:
-    from .tiny import task
-    from .tiny.model import TinyFlowPipeline
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)

@@ -8,6 +8,7 @@ is written. The before/after sheet only needs PIL.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import textwrap
@@ -196,8 +197,6 @@ def save_before_after(path, before: torch.Tensor, after: torch.Tensor, prompts: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m dancegrpo_fast.reports",
                                      description="Plot a run's reward curve from its metrics.jsonl.")
     parser.add_argument("metrics", help="output_dir/metrics.jsonl of a run")

@@ -1,46 +1,73 @@
-"""Rollout: prompts -> G samples each through the SDE sampler, batched, as one Trajectory.
+"""Sampling: prompts -> samples through the policy's SDE sampler. One loop, two uses.
+
+- `rollout`: the training rollout. G samples per prompt, every step's latents and log-probs kept
+  as a Trajectory.
+- `sample_fixed`: the held-out evaluation. One sample per entry of a prompt list, with fixed noise
+  (the same at every evaluation), decoded to images.
 
 Randomness is keyed per sample, never per batch: the initial noise comes from `grouped_noise`
 with one seed per prompt (shared by its G samples) or per sample, and the noise of step i of
-sample k from `seed_for_step(sample_seed_k, i)` inside `ops.sde_step`. So a rollout gives the
-same trajectories at any rollout batch size and on any number of ranks.
+sample k from `seed_for_step(step_seed_k, i)` inside `ops.sde_step`. So the samples are the same
+at any batch size and on any number of ranks.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .noise import grouped_noise, splitmix64
-from .policies.base import Policy, StepSchedule
+from .noise import eval_seeds, grouped_noise
+from .policies.base import Policy
+from .schedules import StepSchedule
+from .sde import SDEStepOutput
 from .trajectory import Trajectory
 
-_MASK63 = (1 << 63) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 chained), e.g. (base seed, iteration, sample)."""
-    value = 0x2545F4914F6CDD1D
-    for part in parts:
-        value = splitmix64((value ^ (int(part) & ((1 << 64) - 1))) & ((1 << 64) - 1))
-    return value & _MASK63
-
-
-def sample_seeds(base_seed: int, iteration: int, first_sample: int, count: int) -> Tensor:
-    """(count,) int64 seeds of global samples first_sample .. first_sample + count - 1."""
-    return torch.tensor([mix_seed(base_seed, iteration, 1, first_sample + k) for k in range(count)], dtype=torch.int64)
-
-
-def prompt_seeds(base_seed: int, iteration: int, first_prompt: int, count: int) -> Tensor:
-    return torch.tensor([mix_seed(base_seed, iteration, 2, first_prompt + k) for k in range(count)], dtype=torch.int64)
+# on_step(rows, step index, step result) and on_batch(rows, final latents) of the sampling loop.
+StepHook = Callable[[slice, int, SDEStepOutput], None]
+BatchHook = Callable[[slice, Tensor], None]
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
     """bf16 autocast on CUDA when asked; a no-op elsewhere."""
     enabled = mixed_precision == "bf16" and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def sampling_loop(policy: Policy, schedule: StepSchedule, cond_of_prompts: Dict[str, Tensor], prompt_rows: Tensor,
+                  initial: Tensor, step_seeds: Tensor, batch_size: int, mixed_precision: str,
+                  on_step: Optional[StepHook] = None, on_batch: Optional[BatchHook] = None) -> None:
+    """Sample every row of `initial` through all of the schedule's steps, `batch_size` rows per
+    model call (the last batch may be smaller), with the model in eval mode.
+
+    cond_of_prompts: the policy's conditioning of the distinct prompts; prompt_rows (N,): the
+    prompt of each row; initial (N, *latent_shape): x_T; step_seeds (N,) int64."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    device = policy.device
+    total = initial.shape[0]
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        for start in range(0, total, batch_size):
+            rows = slice(start, min(start + batch_size, total))
+            cond = {k: v[prompt_rows[rows].to(v.device)] for k, v in cond_of_prompts.items()}
+            x = initial[rows]
+            seeds = step_seeds[rows]
+            for i in range(schedule.num_steps):
+                step = torch.full((x.shape[0],), i, dtype=torch.int64)
+                with autocast_context(device, mixed_precision):
+                    model_output = policy.predict(x, step, cond, schedule)
+                result = ops.sde_step(model_output, x, schedule.coefficients(step, device), seeds=seeds, step_index=i)
+                x = result.prev_sample
+                if on_step is not None:
+                    on_step(rows, i, result)
+            if on_batch is not None:
+                on_batch(rows, x)
+    finally:
+        policy.model.train(was_training)
 
 
 @torch.no_grad()
@@ -66,37 +93,52 @@ def rollout(policy: Policy, schedule: StepSchedule, prompts: Sequence[str], grou
         initial = grouped_noise(seeds_of_prompts, group_size, shape, torch.float32, device)
     else:
         initial = grouped_noise(seeds_of_samples, 1, shape, torch.float32, device)
-    cond_of_prompts = policy.encode(list(prompts))
     prompt_rows = torch.arange(num_prompts).repeat_interleave(group_size)
     steps = schedule.num_steps
     latents = torch.empty((total, steps + 1) + shape, dtype=torch.float32, device=device)
     log_probs = torch.full((total, steps), float("nan"), dtype=torch.float32, device=device)
     latents[:, 0] = initial
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
-        for start in range(0, total, batch_size):
-            rows = slice(start, start + batch_size)
-            cond = {k: v[prompt_rows[rows].to(v.device)] for k, v in cond_of_prompts.items()}
-            x = latents[rows, 0]
-            seeds = seeds_of_samples[rows]
-            for i in range(steps):
-                step = torch.full((batch_size,), i, dtype=torch.int64)
-                with autocast_context(device, mixed_precision):
-                    model_output = policy.predict(x, step, cond, schedule)
-                result = ops.sde_step(model_output, x, schedule.coefficients(step, device), seeds=seeds, step_index=i)
-                x = result.prev_sample
-                latents[rows, i + 1] = x
-                if result.log_prob is not None:
-                    log_probs[rows, i] = result.log_prob
-            if on_batch is not None:
-                on_batch(x, [prompts[p] for p in prompt_rows[rows].tolist()])
-    finally:
-        policy.model.train(was_training)
+
+    def keep(rows: slice, i: int, result: SDEStepOutput) -> None:
+        latents[rows, i + 1] = result.prev_sample
+        if result.log_prob is not None:
+            log_probs[rows, i] = result.log_prob
+
+    def finished(rows: slice, final: Tensor) -> None:
+        if on_batch is not None:
+            on_batch(final, [prompts[p] for p in prompt_rows[rows].tolist()])
+
+    sampling_loop(policy, schedule, policy.encode(list(prompts)), prompt_rows, initial, seeds_of_samples,
+                  batch_size, mixed_precision, on_step=keep, on_batch=finished)
     return Trajectory(latents=latents, log_probs=log_probs, step_indices=torch.arange(steps),
                       timesteps=schedule.timesteps.clone(), sde=schedule.sde.clone(),
                       prompt_ids=prompt_ids.repeat_interleave(group_size).to(torch.int64), prompt_rows=prompt_rows,
                       sample_seeds=seeds_of_samples.clone(), prompts=list(prompts)).validate()
+
+
+@torch.no_grad()
+def sample_fixed(policy: Policy, schedule: StepSchedule, prompts: Sequence[str], seed: int, batch_size: int,
+                 mixed_precision: str = "no", indices: Optional[Sequence[int]] = None) -> Tensor:
+    """One sample per entry of `prompts`, decoded with `policy.decode`: images (B, 3, H, W) (or
+    videos) float32 in [0, 1], on the policy's device.
+
+    Entry k (its position in `prompts`, or `indices[k]` when given: the entry's number in a
+    larger list split over ranks) starts from `grouped_noise` of its initial-noise seed and draws
+    its step noise from its step seed (`noise.eval_seeds(seed, k)`), through the rollout's loop:
+    the same (prompts, seed) give the same samples at every evaluation, at any batch size and on
+    any number of ranks, so curves compare models, not noise."""
+    prompts = list(prompts)
+    indices = list(range(len(prompts))) if indices is None else [int(k) for k in indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"indices has {len(indices)} entries for {len(prompts)} prompts")
+    if not prompts:
+        return torch.zeros((0, 3, 0, 0))
+    noise_seeds, step_seeds = eval_seeds(seed, indices)
+    initial = grouped_noise(noise_seeds, 1, tuple(policy.latent_shape()), torch.float32, policy.device)
+    images: List[Tensor] = []
+    sampling_loop(policy, schedule, policy.encode(prompts), torch.arange(len(prompts)), initial, step_seeds,
+                  batch_size, mixed_precision, on_batch=lambda rows, final: images.append(policy.decode(final)))
+    return torch.cat(images)
 
 
 @torch.no_grad()

@@ -1,34 +1,37 @@
 """What the trainer tells its user: a short block when a run starts, the progress-bar fields, and a
 summary when it ends (held-out reward before -> after, where the outputs are, how to go on).
 
-Plain functions over the config and the logged metric rows, so the loop only calls them.
+Plain functions over the config and the logged metric rows, so the loop only calls them; and
+the two things that run beside the loop: the progress bar and the stop-on-signal handler.
 """
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .config import TrainConfig
+from .noise import extension_status
 
 
 def start_block(config: TrainConfig, device, world_size: int, first_iteration: int, reward_names: Sequence[str],
                 backend: str) -> str:
     """Lines printed once when training starts (rank 0)."""
-    from .noise import extension_status
-
-    model = config.model_path or ("the shipped tiny weights" if config.model_family == "tiny" else "(none)")
+    m, rt = config.model, config.runtime
+    model = m.path or "its shipped weights"
     extension = extension_status()
-    samples = config.prompts_per_rank * config.group_size * world_size
+    prompts = config.rollout.prompts_per_rank * world_size
+    samples = prompts * config.grpo.group_size
     start = "a fresh run" if first_iteration == 0 else f"resumed at iteration {first_iteration}"
     lines = [
-        f"DanceGRPO: {config.model_family} model from {model}",
+        f"DanceGRPO: {m.family} model from {model}",
         f"  rewards     {', '.join(reward_names)}",
         f"  device      {device} x {world_size} process(es); fused ops: {backend}; extension: "
         f"{'built' + (' with CUDA' if extension['cuda'] else '') if extension['built'] else 'not built (PyTorch fallback)'}",
-        f"  iterations  {config.num_iterations} ({start}); {samples} samples each "
-        f"({config.prompts_per_rank * world_size} prompts x {config.group_size}), {config.num_steps} steps",
-        f"  output      {config.output_dir}",
+        f"  iterations  {rt.num_iterations} ({start}); {samples} samples each "
+        f"({prompts} prompts x {config.grpo.group_size}), {config.sampler.num_steps} steps",
+        f"  output      {rt.output_dir}",
     ]
     return "\n".join(lines)
 
@@ -51,10 +54,11 @@ def progress_fields(row: Dict, kl_on: bool) -> Dict[str, str]:
 def summary_block(config: TrainConfig, rows: Sequence[Dict], wall_seconds: float,
                   last_checkpoint: Optional[Path], stopped_early: bool) -> str:
     """Lines printed when training ends (rank 0). rows: the run's metric rows (read_metrics)."""
-    out = Path(config.output_dir)
+    out = Path(config.runtime.output_dir)
+    total = config.runtime.num_iterations
     iteration = rows[-1]["iteration"] if rows else 0
-    head = (f"DanceGRPO stopped at iteration {iteration} of {config.num_iterations} (signal)" if stopped_early
-            else f"DanceGRPO finished: {iteration} of {config.num_iterations} iterations")
+    head = (f"DanceGRPO stopped at iteration {iteration} of {total} (signal)" if stopped_early
+            else f"DanceGRPO finished: {iteration} of {total} iterations")
     lines = [f"{head} in {_duration(wall_seconds)}"]
     lines += held_out_lines(rows)
     for name in ("reward_curve.png", "before_after.png", "metrics.jsonl"):
@@ -62,10 +66,15 @@ def summary_block(config: TrainConfig, rows: Sequence[Dict], wall_seconds: float
             lines.append(f"  {name:17s} {out / name}")
     if last_checkpoint is not None:
         lines.append(f"  last checkpoint   {last_checkpoint}")
-    more = config.num_iterations + max(config.num_iterations // 2, 1)
-    lines.append(f"  go on with        python -m dancegrpo_fast.train --config {out / 'config.yaml'} --resume latest"
-                 + (f" --num_iterations {more}" if not stopped_early else ""))
+    lines.append(f"  go on with        {continue_command(config, extend=not stopped_early)}")
     return "\n".join(lines)
+
+
+def continue_command(config: TrainConfig, extend: bool) -> str:
+    """The command that resumes the run (extend: with half as many iterations again)."""
+    total = config.runtime.num_iterations
+    more = f" --num_iterations {total + max(total // 2, 1)}" if extend else ""
+    return f"python -m dancegrpo_fast.train --output_dir {config.runtime.output_dir} --resume latest{more}"
 
 
 def held_out_lines(rows: Sequence[Dict]) -> List[str]:
@@ -106,3 +115,39 @@ def _fmt(value: float) -> str:
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_bar(total: int, initial: int):
+    """The tqdm bar the loop updates (rank 0)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="DanceGRPO", dynamic_ncols=True)
+
+
+class StopOnSignal:
+    """Within the block, SIGTERM and SIGINT only set `requested` (the loop then stops after the
+    current iteration and writes a checkpoint); the previous handlers come back on exit. Off the
+    main thread, where Python cannot install handlers, it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Dict = {}
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "StopOnSignal":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._request)
+        except ValueError:  # not the main thread
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

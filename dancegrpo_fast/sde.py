@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+# The one definition; the kernels and their PyTorch twins import it from here.
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 ScalarOrTensor = Union[float, Tensor]
@@ -81,19 +82,22 @@ def _step_kind(s: Tensor) -> str:
 
 @dataclass
 class SDEStepOutput:
-    """Result of one sampler step.
+    """Result of one sampler step, from the reference functions here and from the fused
+    `ops.sde_step` alike.
 
     prev_sample: the next (less noisy) latent, same shape and dtype as the input latents.
     log_prob: (B,) float32 log-probability of prev_sample under the step's Gaussian (element
-        mean), differentiable w.r.t. the model output; None for a deterministic step.
-    mean: the Gaussian mean mu, float32, shape of the latents.
+        mean), differentiable w.r.t. the model output in the reference functions; None for a
+        deterministic step.
     std: (B,) float32 standard deviation s.
+    mean: the Gaussian mean mu, float32, shape of the latents; None from the fused op, which
+        never materialises it (that is what makes it one pass).
     """
 
     prev_sample: Tensor
     log_prob: Optional[Tensor]
-    mean: Tensor
     std: Tensor
+    mean: Optional[Tensor] = None
 
 
 # ----------------------------------------------------------------------------------------------

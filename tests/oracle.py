@@ -1,4 +1,4 @@
-"""Float64 oracles written straight from ../shared/SPEC.md, independent of the package's code.
+"""Float64 oracles written straight from the math contract (docs/math.md), independent of the package's code.
 
 Each takes float64 tensors (sigmas/alphas as (B,) float64) and returns float64 results.
 """

@@ -53,7 +53,7 @@ def config_values(folder, tmp_path, **overrides):
 
 
 def flux_config(folder, tmp_path, **overrides) -> TrainConfig:
-    return TrainConfig(**config_values(folder, tmp_path, **overrides))
+    return TrainConfig.from_dict(config_values(folder, tmp_path, **overrides))
 
 
 def _trainable(trainer):
@@ -103,7 +103,7 @@ def test_new_checkpoints_load_with_weights_only_and_hold_the_ema(flux_folder, tm
     latest = find_latest(tmp_path / "out")
     # The docs' EMA example: plain torch.load with weights_only=True, no allow-list needed.
     ema = torch.load(latest / "training_state.pt", weights_only=True)["ema"]
-    assert ema.keys() == trainer.ema.keys() and all(torch.equal(ema[k], trainer.ema[k]) for k in ema)
+    assert ema.keys() == trainer.setup.ema.shadow.keys() and all(torch.equal(ema[k], trainer.setup.ema.shadow[k]) for k in ema)
 
 
 def test_a_checkpoint_of_the_previous_format_still_resumes(flux_folder, tmp_path):

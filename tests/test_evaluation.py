@@ -1,4 +1,4 @@
-"""Held-out evaluation in the trainer (dancegrpo_fast.evaluation, reports, Trainer.evaluate): fixed
+"""Held-out evaluation in the trainer (dancegrpo_fast.evaluator, rollout.sample_fixed, reports): fixed
 prompts and noise, the tiny task's sampling, per-criterion logging, grids, curve, before/after,
 resume, config validation."""
 from __future__ import annotations
@@ -19,12 +19,13 @@ from helpers.tiny_models import write_prompts  # noqa: E402
 
 import dancegrpo_fast.tiny.reward  # noqa: E402,F401  (registers tiny_geneval)
 from dancegrpo_fast import ops, reports  # noqa: E402
-from dancegrpo_fast.config import RewardSpec, TrainConfig  # noqa: E402
+from dancegrpo_fast.config import RewardSpec, TrainConfig, apply_preset  # noqa: E402
 from dancegrpo_fast.distributed import DistributedState  # noqa: E402
-from dancegrpo_fast.evaluation import evaluate_policy, sample_fixed  # noqa: E402
-from dancegrpo_fast.noise import grouped_noise  # noqa: E402
+from dancegrpo_fast.evaluator import evaluate_policy  # noqa: E402
+from dancegrpo_fast.noise import eval_seeds, grouped_noise, seed_for_step  # noqa: E402
 from dancegrpo_fast.rewards import build_reward  # noqa: E402
-from dancegrpo_fast.rollout import mix_seed  # noqa: E402
+from dancegrpo_fast.rollout import rollout, sample_fixed  # noqa: E402
+from dancegrpo_fast.sde import dance_step, flow_sigmas  # noqa: E402
 from dancegrpo_fast.tiny.evaluate import evaluate as tiny_evaluate  # noqa: E402
 from dancegrpo_fast.tiny.evaluate import load_policy, load_split_prompts  # noqa: E402
 from dancegrpo_fast.train import Trainer  # noqa: E402
@@ -34,17 +35,19 @@ CRITERIA_KEYS = ("color", "count", "shape", "position", "clean", "fully_correct"
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model_family="tiny", output_dir=str(Path(tmp_path) / "out"), height=32, width=32, num_steps=3,
+    """The tiny preset (its prompt lists, reward and reward module), made small."""
+    values = dict(output_dir=str(Path(tmp_path) / "out"), height=32, width=32, num_steps=3,
                   eta=0.5, shift=3.0, group_size=2, prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2,
                   gradient_accumulation_steps=2, timestep_fraction=1.0, lr=1e-3, num_iterations=2,
                   mixed_precision="no", progress_bar=False, tensorboard=False, seed=3, threads=1,
-                  rewards=[RewardSpec("tiny_geneval")], eval_every=1, eval_num_prompts=6, checkpoint_every=1)
+                  rewards=[RewardSpec("tiny_geneval")], eval_every=1, eval_num_prompts=6, eval_samples_per_prompt=1,
+                  checkpoint_every=1)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values, apply_preset("tiny"))
 
 
 def _rows(trainer_or_dir):
-    output = trainer_or_dir.config.output_dir if isinstance(trainer_or_dir, Trainer) else trainer_or_dir
+    output = trainer_or_dir.config.runtime.output_dir if isinstance(trainer_or_dir, Trainer) else trainer_or_dir
     return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -83,38 +86,37 @@ def policy():
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _reference_sample(policy, prompts, seed, batch_size):
-    """The tiny evaluate sampling loop as it was before it moved to evaluation.sample_fixed."""
-    schedule = policy.schedule()
-    shape = tuple(policy.latent_shape())
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        ids = range(start, start + len(chunk))
-        noise_seeds = torch.tensor([mix_seed(seed, k, 1) for k in ids], dtype=torch.int64)
-        step_seeds = torch.tensor([mix_seed(seed, k, 2) for k in ids], dtype=torch.int64)
-        x = grouped_noise(noise_seeds, 1, shape, torch.float32, policy.device)
-        cond = policy.encode(chunk)
-        for i in range(schedule.num_steps):
-            step = torch.full((len(chunk),), i, dtype=torch.int64)
-            v = policy.predict(x, step, cond, schedule)
-            x = ops.sde_step(v, x, schedule.coefficients(step, policy.device), seeds=step_seeds, step_index=i).prev_sample
-        images.append(policy.decode(x))
-    return torch.cat(images)
-
-
-def test_sample_fixed_is_the_tiny_evaluate_sampling(policy):
+def test_sample_fixed_is_the_training_rollout_with_fixed_seeds(policy):
+    """Evaluation samples exactly what the training rollout samples from the same seeds (one
+    sample per prompt: initial noise from the entry's noise seed, steps from its step seed), and
+    each step of that rollout is the reference DanceGRPO SDE step (sde.dance_step, float64
+    noise from noise.seed_for_step) of the model output."""
     prompts = load_split_prompts("heldout")[:5]
-    reference = _reference_sample(policy, prompts, seed=7, batch_size=2)
-    images = sample_fixed(policy, policy.schedule(), prompts, 7, 2)
-    assert torch.equal(images, reference)
+    schedule = policy.schedule()
+    images = sample_fixed(policy, schedule, prompts, 7, 2)
     assert images.shape == (5, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    noise_seeds, step_seeds = eval_seeds(7, range(5))
+    trajectory = rollout(policy, schedule, prompts, 1, torch.arange(5), noise_seeds, step_seeds, 5,
+                         shared_noise=True, mixed_precision="no")
+    torch.testing.assert_close(images, policy.decode(trajectory.final_latents), rtol=0, atol=1e-5)
+    shape = tuple(policy.latent_shape())
+    torch.testing.assert_close(trajectory.latents[:, 0], grouped_noise(noise_seeds, 1, shape), rtol=0, atol=0)
+    sigmas = flow_sigmas(schedule.num_steps, 3.0, dtype=torch.float64)
+    cond = policy.encode(prompts)
+    with torch.no_grad():
+        for i in range(schedule.num_steps):
+            x, x_next = trajectory.latents[:, i], trajectory.latents[:, i + 1]
+            v = policy.predict(x, torch.full((5,), i), cond, schedule)
+            reference = dance_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), 0.5, prev_sample=x_next)
+            noise = grouped_noise(seed_for_step(step_seeds, i), 1, shape)
+            expected = reference.mean + reference.std.view(-1, 1, 1) * noise
+            torch.testing.assert_close(x_next, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(trajectory.log_probs[:, i], reference.log_prob, rtol=1e-5, atol=1e-5)
     # Per-entry noise: any batch size and any split of the entries give the same samples.
-    torch.testing.assert_close(sample_fixed(policy, policy.schedule(), prompts, 7, 5), reference, rtol=0, atol=1e-5)
-    odd = sample_fixed(policy, policy.schedule(), prompts[1::2], 7, 2, indices=[1, 3])
-    torch.testing.assert_close(odd, reference[1::2], rtol=0, atol=1e-5)
-    assert not torch.allclose(sample_fixed(policy, policy.schedule(), prompts, 8, 2), reference)
+    torch.testing.assert_close(sample_fixed(policy, schedule, prompts, 7, 5), images, rtol=0, atol=1e-5)
+    odd = sample_fixed(policy, schedule, prompts[1::2], 7, 2, indices=[1, 3])
+    torch.testing.assert_close(odd, images[1::2], rtol=0, atol=1e-5)
+    assert not torch.allclose(sample_fixed(policy, schedule, prompts, 8, 2), images)
     assert policy.model.training is False  # load_policy's eval mode is kept
 
 
@@ -139,7 +141,7 @@ def test_evaluate_policy_metrics_and_ranks(policy, monkeypatch):
     # Two ranks (the collective replaced by a sum over the ranks' contributions): rank r samples
     # entries r::2, the short rank pads to the same number of model calls, means match 1 rank.
     totals, calls = [], []
-    monkeypatch.setattr("dancegrpo_fast.evaluation.all_reduce_sum", lambda t, s: (totals.append(t), t)[1])
+    monkeypatch.setattr("dancegrpo_fast.evaluator.all_reduce_sum", lambda t, s: (totals.append(t), t)[1])
     original = policy.predict
     monkeypatch.setattr(policy, "predict", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     shares, calls_per_rank = [], []
@@ -187,7 +189,7 @@ def test_binary_reward_passes_criteria_through(policy):
 
 def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, num_iterations=3, eval_every=2))
-    assert len(trainer.eval_prompts) == 6 and torch.get_num_threads() == 1
+    assert len(trainer.evaluator.prompts) == 6 and torch.get_num_threads() == 1
     rows = trainer.train()
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3] == [r["iteration"] for r in _rows(trainer)]
     eval_keys = {"eval/tiny_geneval/mean", "seconds_eval"} | {f"eval/tiny_geneval/{k}" for k in CRITERIA_KEYS}
@@ -202,7 +204,7 @@ def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):
             assert "reward/tiny_geneval/score" not in row
             assert row["samples_per_second"] == pytest.approx(
                 4 / (row["seconds_rollout"] + row["seconds_reward"] + row["seconds_update"]))
-    out = Path(trainer.config.output_dir)
+    out = Path(trainer.config.runtime.output_dir)
     for name in ("eval_iter_000000.png", "eval_iter_000002.png", "eval_iter_000003.png"):
         assert _is_png(out / "samples" / name)
     from PIL import Image
@@ -213,8 +215,8 @@ def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):
     before = torch.load(out / "samples" / "eval_before.pt", weights_only=True)
     assert before["indices"] == list(range(6)) and before["images"].dtype == torch.uint8
     # Same model, same eval: identical metrics; and the iteration-0 eval was of the initial model.
-    first = trainer.evaluate()
-    assert _without_time(first) == _without_time(trainer.evaluate())
+    first = trainer.evaluator.evaluate(trainer.iteration)
+    assert _without_time(first) == _without_time(trainer.evaluator.evaluate(trainer.iteration))
     assert _without_time(first) == pytest.approx(_without_time({k: v for k, v in rows[-1].items()
                                                                 if k.startswith("eval/")}), abs=1e-6)
 
@@ -234,10 +236,10 @@ def test_eval_leaves_training_unchanged_and_resume_does_not_repeat_iteration_0(t
     assert [r["iteration"] for r in rows] == [0, 1, 2] and "eval/tiny_geneval/mean" in rows[0]
     assert all("eval/tiny_geneval/mean" in r for r in rows)
     # The before/after sheet of the resumed run pairs the iteration-0 samples saved by the first.
-    assert _is_png(Path(resumed.config.output_dir) / "before_after.png")
+    assert _is_png(Path(resumed.config.runtime.output_dir) / "before_after.png")
     plain_rows = _rows(plain)
     assert [r["iteration"] for r in plain_rows] == [1, 2] and not any(k.startswith("eval/") for k in plain_rows[0])
-    assert not (Path(plain.config.output_dir) / "reward_curve.png").exists()
+    assert not (Path(plain.config.runtime.output_dir) / "reward_curve.png").exists()
 
 
 def test_a_stopped_run_evaluates_its_last_iteration(tmp_path):
@@ -245,14 +247,14 @@ def test_a_stopped_run_evaluates_its_last_iteration(tmp_path):
     original = trainer.train_iteration
 
     def one_then_stop():
-        trainer._stop_requested = True  # as SIGTERM does: stop after this iteration
+        trainer.stop.requested = True  # as SIGTERM does: stop after this iteration
         return original()
 
     trainer.train_iteration = one_then_stop
     rows = trainer.train()
     assert [(r["iteration"], "eval/tiny_geneval/mean" in r) for r in rows] == [(0, True), (1, False), (1, True)]
     assert [r["iteration"] for r in _rows(trainer)] == [0, 1, 1]
-    out = Path(trainer.config.output_dir)
+    out = Path(trainer.config.runtime.output_dir)
     assert _is_png(out / "samples" / "eval_iter_000001.png") and _is_png(out / "before_after.png")
     resumed = Trainer(tiny_config(tmp_path, num_iterations=2, eval_every=3, eval_num_prompts=2, resume="latest"))
     assert resumed.iteration == 1 and [r["iteration"] for r in _rows(resumed)] == [0, 1, 1]
@@ -262,7 +264,7 @@ def test_advantage_inputs_unchanged_by_criteria(tmp_path, monkeypatch):
     import dancegrpo_fast.train as train_module
 
     trainer = Trainer(tiny_config(tmp_path, eval_every=0))
-    trajectory, samples, scores, _, _ = trainer.collect_and_score()
+    trajectory, samples, scores, _ = trainer.collect_and_score()
     prompts = trajectory.sample_prompts()
     assert torch.equal(scores["tiny_geneval"], build_reward("tiny_geneval")(samples, prompts))
     assert {"tiny_geneval/color", "tiny_geneval/position", "tiny_geneval/score"} <= set(scores)
@@ -286,12 +288,12 @@ def test_eval_config_validation_and_prompt_file(tmp_path):
         Trainer(tiny_config(tmp_path, eval_prompt_file=str(tmp_path / "missing.txt")))
     custom = Trainer(tiny_config(tmp_path, eval_prompt_file=str(write_prompts(tmp_path / "e.txt", ["a red circle"] * 3)),
                                  eval_num_prompts=0, output_dir=str(tmp_path / "custom")))
-    assert custom.eval_prompts == ["a red circle"] * 3
-    assert Trainer(tiny_config(tmp_path, eval_every=0, output_dir=str(tmp_path / "off"))).eval_prompts == []
+    assert custom.evaluator.prompts == ["a red circle"] * 3
+    assert Trainer(tiny_config(tmp_path, eval_every=0, output_dir=str(tmp_path / "off"))).evaluator.prompts == []
     from dancegrpo_fast.config import parse_config
 
     config = parse_config(["--preset", "tiny", "--eval_every", "5", "--eval_seed", "3", "--threads", "1"])
-    assert (config.eval_every, config.eval_seed, config.threads) == (5, 3, 1)
+    assert (config.eval.every, config.eval.seed, config.runtime.threads) == (5, 3, 1)
 
 
 def test_reward_curve_without_matplotlib_warns_once(tmp_path, monkeypatch):
@@ -343,7 +345,7 @@ def test_two_ranks_give_the_eval_of_one(tmp_path):
     assert result.returncode == 0, result.stderr.decode()[-4000:]
     rows = _rows(tmp_path / "two")
     assert [r["iteration"] for r in rows] == [0, 1] and all("eval/brightness/mean" in r for r in rows)
-    single = Trainer(TrainConfig(**{**config, "parallel": "ddp", "output_dir": str(tmp_path / "one")}),
+    single = Trainer(TrainConfig.from_dict({**config, "parallel": "ddp", "output_dir": str(tmp_path / "one")}),
                      rewards={"brightness": (lambda images, p: images.mean(dim=(1, 2, 3)), 1.0)})
-    assert single.evaluate()["eval/brightness/mean"] == pytest.approx(rows[0]["eval/brightness/mean"], abs=1e-5)
+    assert single.evaluator.evaluate(single.iteration)["eval/brightness/mean"] == pytest.approx(rows[0]["eval/brightness/mean"], abs=1e-5)
     assert _is_png(tmp_path / "two" / "samples" / "eval_iter_000001.png")

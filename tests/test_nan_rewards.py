@@ -5,6 +5,7 @@ max_skipped_group_fraction of an iteration's groups are unusable."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from helpers.tiny_models import write_prompts  # noqa: E402
 
 from dancegrpo_fast.config import RewardSpec, TrainConfig  # noqa: E402
 from dancegrpo_fast.rewards import BinaryReward, build_reward  # noqa: E402
-from dancegrpo_fast.train import RewardError, Trainer  # noqa: E402
+from dancegrpo_fast.rewards import RewardError  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKED = "test_unusable_for_marked_prompts"
@@ -35,7 +37,7 @@ def config_with(folder, tmp_path, rewards, prompts=("a broken cat", "a blue dog"
                   timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=2, progress_bar=False,
                   tensorboard=False, mixed_precision="no", seed=1, rewards=rewards)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def test_a_reward_returns_non_finite_scores_instead_of_raising():
@@ -84,18 +86,16 @@ def test_too_many_unusable_groups_stop_with_a_clear_error(flux_folder, tmp_path)
 def test_max_skipped_group_fraction_is_validated():
     for bad in (0.0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"max_skipped_group_fraction must lie in \(0, 1\]"):
-            TrainConfig(max_skipped_group_fraction=bad).validate()
+            TrainConfig.from_dict(dict(max_skipped_group_fraction=bad)).validate()
 
 
 @pytest.fixture(scope="module")
 def nan_server_url(tmp_path_factory):
-    """A real reward server process serving the test reward (imported before serve.main)."""
+    """A real reward server process serving the test reward (its module named by --reward-module)."""
     log_path = tmp_path_factory.mktemp("nan_server") / "stderr.txt"
-    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import helpers.unusable_rewards; "
-            "from dancegrpo_fast.rewards.serve import main; sys.exit(main())")
-    command = [sys.executable, "-c", code, str(REPO / "tests"), "--reward", MARKED, "--host", "127.0.0.1",
-               "--port", "0", "--max-wait-ms", "1"]
-    with reward_server(command, log_path, env={"PYTHONPATH": str(REPO)}) as url:
+    command = [sys.executable, "-m", "dancegrpo_fast.rewards.serve", "--reward-module", "helpers.unusable_rewards",
+               "--reward", MARKED, "--host", "127.0.0.1", "--port", "0", "--max-wait-ms", "1"]
+    with reward_server(command, log_path, env={"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}) as url:
         yield url
 
 

@@ -39,7 +39,7 @@ def make_config(family, folder, tmp_path, **overrides) -> TrainConfig:
                   progress_bar=False, tensorboard=False, mixed_precision="no", seed=3)
     values.update(FAMILY_SETTINGS[family])
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 
@@ -58,7 +58,7 @@ def _log_probs_at(trainer, trajectory, steps, batch_size=2):
         for rows in torch.arange(trajectory.batch_size).split(batch_size):
             for j in range(steps.shape[1]):
                 step = steps[rows, j]
-                v, x, x_next, _ = trainer._forward(trajectory, cond, rows, step)
+                v, x, x_next, _ = trainer.updater._forward(trajectory, cond, rows, step)
                 out[rows, j] = ops.step_log_prob(v, x, x_next, trainer.schedule.coefficients(step, trainer.device))
     return out
 
@@ -80,8 +80,8 @@ def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
 
     trajectory = trainer.collect()
     shape = tuple(policy.latent_shape())
-    assert trajectory.latents.shape == (4, config.num_steps + 1) + shape
-    assert trajectory.log_probs.shape == (4, config.num_steps)
+    assert trajectory.latents.shape == (4, config.sampler.num_steps + 1) + shape
+    assert trajectory.log_probs.shape == (4, config.sampler.num_steps)
     assert torch.isfinite(trajectory.log_probs).all()
     # The model's timestep: DanceGRPO's int(sigma * 1000) / 1000 in the model's units, or the
     # DDIM timestep for SD 1.x (steps_offset 1, stride 1000 // S).
@@ -103,7 +103,7 @@ def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
     assert samples.min() >= 0 and samples.max() <= 1
 
     # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
-    all_steps = torch.arange(config.num_steps).repeat(4, 1)
+    all_steps = torch.arange(config.sampler.num_steps).repeat(4, 1)
     recomputed = _log_probs_at(trainer, trajectory, all_steps)
     assert ((recomputed - trajectory.log_probs).exp() - 1).abs().max() < 1e-6
 

@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import unusable_rewards  # noqa: E402,F401  (registers the test rewards)
 
+import dancegrpo_fast.tiny.reward  # noqa: E402,F401  (registers tiny_geneval)
+
 from dancegrpo_fast.rewards import RemoteReward, RemoteRewardError, Reward, build_reward  # noqa: E402
 from dancegrpo_fast.rewards import remote as remote_module  # noqa: E402
 from dancegrpo_fast.rewards.remote import encode_request  # noqa: E402
@@ -255,3 +257,16 @@ def test_cli_flags_are_validated(capsys):
         with pytest.raises(SystemExit):
             main(["--reward", "jpeg_compressibility", flag, value])
         assert phrase in capsys.readouterr().err
+
+
+def test_reward_modules_register_rewards_for_the_server(capsys):
+    with pytest.raises(SystemExit):
+        main(["--reward", "no_such_reward"])
+    assert "--reward 'no_such_reward' is not registered" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--reward-module", "no.such.module", "--reward", "tiny_geneval"])
+    assert "reward_modules: could not import 'no.such.module'" in capsys.readouterr().err
+    from dancegrpo_fast.rewards.serve import _parse_args
+
+    args = _parse_args(["--reward-module", "dancegrpo_fast.tiny.reward", "--reward", "tiny_geneval"])
+    assert args.reward == "tiny_geneval" and args.reward_modules == ["dancegrpo_fast.tiny.reward"]

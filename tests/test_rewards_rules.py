@@ -1,4 +1,4 @@
-"""Rule-based rewards, wrappers, the registry, input validation, WeightedRewards and the pool."""
+"""Rule-based rewards, wrappers, the registry, input validation, RewardSet and the pool."""
 
 import threading
 import time
@@ -13,11 +13,11 @@ from dancegrpo_fast.rewards import (
     JpegCompressibilityReward,
     JpegIncompressibilityReward,
     Reward,
+    RewardError,
     RewardInputError,
-    WeightedRewards,
+    RewardSet,
     available_rewards,
     build_reward,
-    combine_advantages,
     jpeg_size_kb,
     register_reward,
 )
@@ -165,38 +165,64 @@ def test_small_overshoot_is_clamped_and_chunks_are_used():
 
 
 # ---------------------------------------------------------------------------------------------
-# WeightedRewards
+# RewardSet
 
 
-def test_weighted_rewards_scores_weights_and_advantages():
+def test_reward_set_builds_scores_and_weights():
     images = _smooth_and_noise()
-    rewards = WeightedRewards(
-        {"jpeg_incompressibility": 0.7, "pixel": {"weight": 1.4}, "sharp": {"type": "binary", "weight": 0.0,
-                                                                             "reward": "jpeg_incompressibility",
-                                                                             "threshold": 3.0}},
-        rewards={"pixel": MeanPixelReward()},
-    )
+    rewards = RewardSet.from_specs([
+        {"name": "jpeg_incompressibility", "weight": 0.7},
+        {"name": "sharp", "type": "binary", "weight": 0.0,
+         "kwargs": {"reward": "jpeg_incompressibility", "threshold": 3.0}},
+    ])
     scores = rewards(images, ["a", "bb"])
-    assert set(scores) == {"jpeg_incompressibility", "pixel", "sharp"}
+    assert list(scores) == ["jpeg_incompressibility", "sharp"]
     assert all(s.shape == (2,) and s.dtype == torch.float32 for s in scores.values())
-    assert rewards.weights == {"jpeg_incompressibility": 0.7, "pixel": 1.4, "sharp": 0.0}
-    advantages = {name: s - s.mean() for name, s in scores.items()}
-    combined = combine_advantages(advantages, rewards.weights)
-    expected = 0.7 * advantages["jpeg_incompressibility"] + 1.4 * advantages["pixel"]
-    torch.testing.assert_close(combined, expected)
+    assert rewards.weights == {"jpeg_incompressibility": 0.7, "sharp": 0.0}
+    size = JpegIncompressibilityReward()(images, ["a", "bb"])
+    torch.testing.assert_close(scores["jpeg_incompressibility"], size)
+    torch.testing.assert_close(scores["sharp"], (size > 3.0).float())
+    assert RewardSet.from_specs("jpeg_compressibility:2,jpeg_incompressibility").weights == {
+        "jpeg_compressibility": 2.0, "jpeg_incompressibility": 1.0}
 
 
-def test_weighted_rewards_config_errors():
-    with pytest.raises(ValueError, match="must have a 'weight'"):
-        WeightedRewards({"jpeg_compressibility": {"quality": 90}})
+def test_reward_set_of_callables_and_criteria():
+    class WithCriteria:
+        def __call__(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+        def criteria(self, images, prompts):
+            return {"score": self(images, prompts), "bright": (images.mean(dim=(1, 2, 3)) > 0.5).float()}
+
+    images = torch.stack([torch.full((3, 4, 4), 0.25), torch.full((3, 4, 4), 0.75)])
+    rewards = RewardSet.of({"pixel": (MeanPixelReward(), 2.0), "crit": WithCriteria()})
+    assert rewards.weights == {"pixel": 2.0, "crit": 1.0} and rewards.describe() == ["pixel:2", "crit:1"]
+    assert set(rewards(images, ["", ""])) == {"pixel", "crit"}
+    scores = rewards(images, ["", ""], criteria=True)
+    assert set(scores) == {"pixel", "crit", "crit/score", "crit/bright"}
+    assert scores["crit/bright"].tolist() == [0.0, 1.0]
+    assert RewardSet.of(rewards) is rewards
+
+
+def test_reward_set_errors_name_the_reward():
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RewardSet.from_specs("nope:1")
+    with pytest.raises(ValueError, match="no reward configured"):
+        RewardSet([])
     with pytest.raises(ValueError, match="finite number"):
-        WeightedRewards({"jpeg_compressibility": float("nan")})
-    with pytest.raises(KeyError, match="available rewards"):
-        WeightedRewards({"nope": 1.0})
-    with pytest.raises(ValueError, match="absent from config"):
-        WeightedRewards({"jpeg_compressibility": 1.0}, reward_kwargs={"clip": {}})
-    built = WeightedRewards({"jpeg_compressibility": 1.0}, reward_kwargs={"jpeg_compressibility": {"quality": 50}})
-    assert built.rewards["jpeg_compressibility"].quality == 50
+        RewardSet.of({"pixel": (MeanPixelReward(), float("nan"))})
+    with pytest.raises(ValueError, match="reward_modules: could not import 'no_such_module'"):
+        RewardSet.from_specs("mean_pixel:1", modules=["no_such_module"])
+
+    def broken(images, prompts):
+        raise RuntimeError("model exploded")
+
+    with pytest.raises(RewardError, match="reward 'bad' failed on a batch of 2 samples: RuntimeError: model exploded"):
+        RewardSet.of({"bad": broken})(torch.rand(2, 3, 4, 4), ["a", "b"])
+    with pytest.raises(RewardError, match="reward 'short' returned 1 scores for 2 samples"):
+        RewardSet.of({"short": lambda images, prompts: torch.zeros(1)})(torch.rand(2, 3, 4, 4), ["a", "b"])
+    built = RewardSet.from_specs([{"name": "jpeg_compressibility", "kwargs": {"quality": 50}}])
+    assert built.entries[0].function.quality == 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,25 +230,33 @@ def test_weighted_rewards_config_errors():
 
 
 def test_pool_returns_the_same_scores_and_overlaps():
-    reward = MeanPixelReward(delay_s=0.3)
+    """submit returns before the reward has finished, and the reward runs while the caller goes
+    on: shown with events (no wall-clock bound), the reward waiting for the caller's "next
+    rollout" to have started."""
+    caller_working = threading.Event()
+    scored_in = []
+
+    def reward(images, prompts):
+        assert caller_working.wait(5), "the reward ran only after the caller waited for it"
+        scored_in.append(threading.current_thread().name)
+        return MeanPixelReward()(images, prompts)
+
     images = torch.rand(3, 3, 8, 8)
     with AsyncRewardPool(reward) as pool:
-        start = time.perf_counter()
         future = pool.submit(images, ["a", "b", "c"])
-        submitted = time.perf_counter() - start
-        time.sleep(0.3)  # the "rollout" of the next chunk runs meanwhile
+        assert not future.done()  # submit did not wait for the scores
+        caller_working.set()      # the "rollout" of the next chunk runs meanwhile
         scores = future.result(timeout=5)
-        elapsed = time.perf_counter() - start
-    assert submitted < 0.1 and elapsed < 0.55  # sequential would take >= 0.6 s
+    assert scored_in and scored_in[0] != threading.current_thread().name
     torch.testing.assert_close(scores, MeanPixelReward()(images, ["a", "b", "c"]))
 
 
-def test_pool_propagates_errors_and_runs_weighted_rewards():
-    with AsyncRewardPool(WeightedRewards({"pixel": 1.0}, rewards={"pixel": MeanPixelReward()}), num_workers=2) as pool:
+def test_pool_propagates_errors_and_runs_a_reward_set():
+    with AsyncRewardPool(RewardSet.of({"pixel": MeanPixelReward()}), num_workers=2) as pool:
         ok = pool.submit(torch.rand(2, 3, 4, 4), ["a", "b"])
         bad = pool.submit(torch.rand(2, 3, 4, 4), ["a"])
         assert set(ok.result(timeout=5)) == {"pixel"}
-        with pytest.raises(RewardInputError, match="len\\(prompts\\)"):
+        with pytest.raises(RewardError, match="len\\(prompts\\)"):
             bad.result(timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         pool.submit(torch.rand(1, 3, 4, 4), ["a"])

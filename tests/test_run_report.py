@@ -23,12 +23,12 @@ def test_summary_gives_before_after_per_criterion_paths_and_the_next_command(tmp
     assert lines[2].split() == ["color", "0.500", "->", "0.750", "(+0.250)"]
     assert len(lines) == 3  # std is not a criterion
     (tmp_path / "metrics.jsonl").write_text("")
-    config = TrainConfig(output_dir=str(tmp_path), num_iterations=2)
+    config = TrainConfig.from_dict(dict(output_dir=str(tmp_path), num_iterations=2))
     text = summary_block(config, rows, 125.0, tmp_path / "checkpoints" / "iter_000002", stopped_early=False)
     assert text.splitlines()[0] == "DanceGRPO finished: 2 of 2 iterations in 2m05s"
     assert f"metrics.jsonl     {tmp_path / 'metrics.jsonl'}" in text
     assert "reward_curve.png" not in text  # only files that exist
-    assert text.splitlines()[-1].endswith(f"--config {tmp_path / 'config.yaml'} --resume latest --num_iterations 3")
+    assert text.splitlines()[-1].endswith(f"--output_dir {tmp_path} --resume latest --num_iterations 3")
     stopped = summary_block(config, rows[:2], 5.0, None, stopped_early=True)
     assert stopped.splitlines()[0] == "DanceGRPO stopped at iteration 1 of 2 (signal) in 5s"
     assert stopped.splitlines()[-1].endswith("--resume latest") and "last checkpoint" not in stopped

@@ -35,7 +35,7 @@ def test_short_default_run_raises_the_training_reward(tmp_path):
                            "--eval_every", str(ITERATIONS), "--eval_prompt_file", str(train_prompts),
                            "--checkpoint_every", str(ITERATIONS), "--progress_bar", "false",
                            "--tensorboard", "false"])
-    assert config.model_family == "tiny"  # no arguments but these: the built-in default
+    assert config.model.family == "tiny"  # no arguments but these: the built-in default
     Trainer(config).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("eval/tiny_geneval/mean") is not None]

@@ -1,6 +1,7 @@
 """The tiny model (dancegrpo_fast.tiny.model), its shipped weights and TinyPolicy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -141,32 +142,31 @@ def test_policy_rollout_through_sde_step():
 
 
 def test_policy_errors(tmp_path):
-    from dancegrpo_fast.policies.tiny import TinyPolicy
+    from dancegrpo_fast.config import ModelConfig
+    from dancegrpo_fast.tiny.policy import TinyPolicy
 
-    config = sampler_config()
-    config.height = config.width = 64
     with pytest.raises(ValueError, match="32x32"):
-        TinyPolicy("", config)
+        TinyPolicy(ModelConfig(family="tiny", height=64, width=64), sampler_config())
     with pytest.raises(ModelLoadError, match="does not exist"):
-        TinyPolicy(str(tmp_path / "nowhere"), sampler_config())
+        TinyPolicy(ModelConfig(family="tiny", path=str(tmp_path / "nowhere"), height=32, width=32), sampler_config())
 
 
 def test_one_trainer_iteration_with_the_tiny_policy(tmp_path):
     """The trainer drives TinyPolicy + tiny_geneval end to end (policy passed in: the config's
     model_family is not consulted when a policy is given)."""
     from dancegrpo_fast.config import TrainConfig
-    from dancegrpo_fast.policies.tiny import TinyPolicy
+    from dancegrpo_fast.tiny.policy import TinyPolicy
     import dancegrpo_fast.tiny.reward  # noqa: F401  (registers tiny_geneval)
     from dancegrpo_fast.rewards import build_reward
     from dancegrpo_fast.tiny.evaluate import prompt_file
     from dancegrpo_fast.train import Trainer
 
-    config = TrainConfig(model_family="flux", prompt_file=str(prompt_file("train")), output_dir=str(tmp_path / "out"),
-                         height=32, width=32, num_steps=4, eta=0.5, shift=3.0, group_size=4, prompts_per_rank=2,
-                         rollout_batch_size=8, train_batch_size=4, gradient_accumulation_steps=2,
-                         timestep_fraction=1.0, lr=1e-5, num_iterations=1, mixed_precision="no", progress_bar=False,
-                         tensorboard=False, seed=1)
-    policy = TinyPolicy("", config)
+    config = TrainConfig.from_dict(dict(
+        model_family="flux", prompt_file=str(prompt_file("train")), output_dir=str(tmp_path / "out"), height=32,
+        width=32, num_steps=4, eta=0.5, shift=3.0, group_size=4, prompts_per_rank=2, rollout_batch_size=8,
+        train_batch_size=4, gradient_accumulation_steps=2, timestep_fraction=1.0, lr=1e-5, num_iterations=1,
+        mixed_precision="no", progress_bar=False, tensorboard=False, seed=1))
+    policy = TinyPolicy(dataclasses.replace(config.model, family="tiny"), config.sampler)
     trainer = Trainer(config, rewards={"tiny_geneval": (build_reward("tiny_geneval"), 1.0)}, policy=policy)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     row = trainer.train_iteration()

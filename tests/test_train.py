@@ -21,9 +21,11 @@ from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fi
 from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
 
 from dancegrpo_fast.checkpoint import CheckpointError, find_latest  # noqa: E402
-from dancegrpo_fast.config import TrainConfig, available_presets, build_parser, parse_config  # noqa: E402
+from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.policies import ModelLoadError  # noqa: E402
-from dancegrpo_fast.train import RewardError, Trainer, load_prompts  # noqa: E402
+from dancegrpo_fast.prompts import load_prompts  # noqa: E402
+from dancegrpo_fast.rewards import RewardError  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +38,6 @@ def brightness(images, prompts):
 REWARDS = {"brightness": (brightness, 1.0)}
 
 
-
-
-
-
 def flux_config(folder, tmp_path, **overrides) -> TrainConfig:
     Path(tmp_path).mkdir(parents=True, exist_ok=True)
     values = dict(model_family="flux", model_path=str(folder), prompt_file=str(write_prompts(tmp_path / "p.txt")),
@@ -48,67 +46,11 @@ def flux_config(folder, tmp_path, **overrides) -> TrainConfig:
                   timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=1, progress_bar=False,
                   tensorboard=False, mixed_precision="no", seed=1)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def _trainable_state(trainer):
     return {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-def test_config_cli_yaml_presets(tmp_path):
-    help_text = build_parser().format_help()
-    for name in ("--lr", "--group_size", "--timestep_fraction", "--sde_window_size", "--parallel", "--resume"):
-        assert name in help_text
-    assert "(default: 1e-05)" in help_text
-    yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(yaml.safe_dump({"group_size": 4, "gradient_accumulation_steps": 4, "lr": 3e-5, "rewards": [{"name": "hps", "weight": 0.5}]}))
-    config = parse_config(["--preset", "flux", "--config", str(yaml_file), "--lr", "2e-5", "--use_lora", "true",
-                           "--rewards", "hps:1.0,clip:0.5"])
-    assert config.model_family == "flux" and config.eta == 0.3 and config.shift == 3.0
-    assert config.group_size == 4 and config.lr == 2e-5 and config.use_lora is True
-    assert [(r.name, r.weight) for r in config.rewards] == [("hps", 1.0), ("clip", 0.5)]
-    assert set(available_presets()) >= {"flux", "sd14", "hunyuan_video", "wan"}
-    for preset in available_presets():
-        parse_config(["--preset", preset])
-    sd = parse_config(["--preset", "sd14"])
-    assert (sd.sampler, sd.num_steps, sd.eta, sd.cfg_scale, sd.group_size, sd.timestep_fraction) == ("ddim", 50, 1.0, 5.0, 16, 1.0)
-    hy = parse_config(["--preset", "hunyuan_video"])
-    assert (hy.eta, hy.shift, hy.group_size, hy.num_frames) == (0.25, 5.0, 24, 53)
-    with pytest.raises(ValueError, match="unknown config keys"):
-        TrainConfig.from_dict({"learning_rate": 1.0})
-    with pytest.raises(ValueError, match="expects int"):
-        parse_config(["--group_size", "two"])
-    with pytest.raises(ValueError, match="unknown preset"):
-        parse_config(["--preset", "nope"])
-    with pytest.raises(ValueError, match=r"rewards: each name may appear once, \['hps'\]"):
-        parse_config(["--preset", "flux", "--rewards", "hps:1.0,clip:0.5,hps:0.5"])
-
-
-def test_no_arguments_or_a_tiny_weights_folder_mean_the_tiny_task(tmp_path):
-    from dancegrpo_fast.tiny import WEIGHTS_DIR
-
-    assert parse_config([]).model_family == "tiny"
-    own = parse_config(["--model_path", str(WEIGHTS_DIR), "--lr", "1e-4"])
-    assert (own.model_family, own.model_path, own.lr, own.num_steps) == ("tiny", str(WEIGHTS_DIR), 1e-4, 8)
-    # Any other folder keeps the plain defaults (FLUX).
-    other = tmp_path / "flux"
-    other.mkdir()
-    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    assert parse_config(["--model_path", str(other)]).model_family == "flux"
-    assert parse_config(["--model_path", str(tmp_path / "missing")]).model_family == "flux"
-
-
-def test_trained_timesteps_follow_spec():
-    config = TrainConfig(num_steps=16, timestep_fraction=0.6)
-    assert config.trainable_steps() == list(range(15)) and config.trained_timesteps() == 9
-    window = TrainConfig(num_steps=16, sde_window_start=4, sde_window_size=4, timestep_fraction=1.0)
-    assert window.trainable_steps() == [4, 5, 6, 7]
-    assert TrainConfig(num_steps=4, sde_window_start=2, sde_window_size=2, timestep_fraction=1.0).trainable_steps() == [2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,23 +73,14 @@ def test_ratio_exactly_one_before_first_optimizer_step(flux_folder, tmp_path):
     # learning rate of 0 (parameters unchanged) every ratio of the iteration is exactly 1.
     frozen = Trainer(flux_config(flux_folder, tmp_path / "b", rollout_batch_size=2, train_batch_size=1,
                                  gradient_accumulation_steps=1), rewards=REWARDS)
-    frozen.lr_scheduler.base_lrs = [0.0]
-    for group in frozen.optimizer.param_groups:
+    frozen.setup.lr_scheduler.base_lrs = [0.0]
+    for group in frozen.setup.optimizer.param_groups:
         group["lr"] = 0.0
     before = _trainable_state(frozen)
     stats = frozen.update(frozen.collect(), advantages)
     assert all(torch.equal(before[k], v) for k, v in _trainable_state(frozen).items())
     assert stats.optimizer_steps == 4 and stats.ratio_max_dev == 0.0
     assert stats.log_prob_gap < 1e-5  # rollout vs training-time log-prob: float noise only
-
-
-def test_sde_window_trains_only_window_steps(flux_folder, tmp_path):
-    config = flux_config(flux_folder, tmp_path, sde_window_start=1, sde_window_size=2, timestep_fraction=1.0)
-    trainer = Trainer(config, rewards=REWARDS)
-    trajectory = trainer.collect()
-    assert torch.isnan(trajectory.log_probs[:, [0, 3]]).all() and torch.isfinite(trajectory.log_probs[:, [1, 2]]).all()
-    assert trainer.trained_steps(trajectory).unique().tolist() == [1, 2]
-    trainer.update(trajectory, torch.tensor([1.0, -1.0, 1.0, -1.0]))
 
 
 def test_same_samples_at_any_rollout_batch_size(flux_folder, tmp_path):
@@ -175,7 +108,7 @@ def test_resume_continues_exactly_and_logs(flux_folder, tmp_path):
     resumed.train()
     a, b = _trainable_state(straight), _trainable_state(resumed)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    assert all(torch.allclose(straight.ema[k], resumed.ema[k], atol=1e-6, rtol=0) for k in a)
+    assert all(torch.allclose(straight.setup.ema.shadow[k], resumed.setup.ema.shadow[k], atol=1e-6, rtol=0) for k in a)
 
     rows = [json.loads(line) for line in (tmp_path / "a" / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -192,7 +125,7 @@ def test_full_checkpoint_loads_into_diffusers(flux_folder, tmp_path):
 
     trainer = Trainer(flux_config(flux_folder, tmp_path, num_iterations=1), rewards=REWARDS)
     trainer.train()
-    loaded = FluxTransformer2DModel.from_pretrained(find_latest(trainer.config.output_dir) / "model" / "transformer")
+    loaded = FluxTransformer2DModel.from_pretrained(find_latest(trainer.config.runtime.output_dir) / "model" / "transformer")
     trained = trainer.policy.model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
 
@@ -205,7 +138,7 @@ def test_lora_checkpoint_loads_into_pipeline(flux_folder, tmp_path):
     trainer = Trainer(config, rewards=REWARDS)
     trainer.train()
     pipe = FluxPipeline.from_pretrained(str(flux_folder))
-    pipe.load_lora_weights(str(find_latest(config.output_dir) / "model"))
+    pipe.load_lora_weights(str(find_latest(config.runtime.output_dir) / "model"))
     trained = {k: v for k, v in trainer.policy.model.state_dict().items() if "lora" in k}
     loaded = {k: v for k, v in pipe.transformer.state_dict().items() if "lora" in k}
     assert len(trained) == len(loaded) > 0
@@ -222,7 +155,7 @@ def test_lora_checkpoint_loads_into_pipeline(flux_folder, tmp_path):
 def test_corrupt_or_missing_checkpoint_errors(flux_folder, tmp_path):
     trainer = Trainer(flux_config(flux_folder, tmp_path, num_iterations=1), rewards=REWARDS)
     trainer.train()
-    checkpoint = find_latest(trainer.config.output_dir)
+    checkpoint = find_latest(trainer.config.runtime.output_dir)
     with pytest.raises(CheckpointError, match="does not exist"):
         Trainer(flux_config(flux_folder, tmp_path, resume=str(tmp_path / "nowhere")), rewards=REWARDS)
     broken = tmp_path / "broken"
@@ -376,7 +309,7 @@ def test_reward_that_raises_names_the_reward(flux_folder, tmp_path):
     trainer = Trainer(flux_config(flux_folder, tmp_path), rewards={"remote_hps": (broken, 1.0), "b": (brightness, 1.0)})
     with pytest.raises(RewardError, match="reward 'remote_hps' failed on a batch of 4 samples: OSError: reward server"):
         trainer.train()
-    assert find_latest(trainer.config.output_dir) is None
+    assert find_latest(trainer.config.runtime.output_dir) is None
 
 
 def test_several_rewards_and_kl(flux_folder, tmp_path):
@@ -417,13 +350,13 @@ def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
     for name in ("reward_curve.png", "before_after.png"):
         assert (tmp_path / "out" / name).is_file(), name
     printed = capsys.readouterr().out
-    assert "DanceGRPO: tiny model from the shipped tiny weights" in printed
+    assert "DanceGRPO: tiny model from its shipped weights" in printed
     assert f"output      {tmp_path / 'out'}" in printed
     before, after = rows[0]["eval/tiny_geneval/mean"], row["eval/tiny_geneval/mean"]
     assert f"held-out tiny_geneval    {before:.3f} -> {after:.3f}" in printed, printed
     assert "    clean " in printed and "fully_correct" in printed
     assert f"last checkpoint   {find_latest(tmp_path / 'out')}" in printed
-    assert f"--config {tmp_path / 'out' / 'config.yaml'} --resume latest --num_iterations 2" in printed
+    assert f"--output_dir {tmp_path / 'out'} --resume latest --num_iterations 2" in printed
 
 
 def test_tensorboard_gets_the_scalars_when_installed(tmp_path, monkeypatch):
@@ -486,7 +419,7 @@ def test_reward_overlap_gives_the_same_scores(flux_folder, tmp_path):
     for overlap in (False, True):
         trainer = Trainer(flux_config(flux_folder, tmp_path / str(overlap), reward_overlap=overlap, rollout_batch_size=2),
                           rewards={"len": (prompt_length, 1.0)})
-        trajectory, samples, scores, _, _ = trainer.collect_and_score()
+        trajectory, samples, scores, _ = trainer.collect_and_score()
         results[overlap] = (trajectory, samples, scores)
         expected = torch.tensor([float(len(p)) for p in trajectory.sample_prompts()]) + brightness(samples, None)
         assert torch.allclose(scores["len"], expected)

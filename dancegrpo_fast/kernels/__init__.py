@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# The log-prob constant of the reference math, shared by every kernel and its PyTorch twin.
+from ..sde import HALF_LOG_2PI  # noqa: F401
+
+BLOCK = 1024  # elements per Triton program iteration on the streamed tensors
+
 try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
@@ -26,6 +33,15 @@ def triton_mode() -> str:
     if not TRITON_AVAILABLE:
         return "unavailable"
     return "interpreted" if TRITON_INTERPRETED else "compiled"
+
+
+def target_programs(device: torch.device, batch: int) -> int:
+    """About how many programs a streaming kernel should launch on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 8
+    # Interpreter: each program costs Python overhead; a few chunks per row keep the chunked
+    # reduction exercised without making tests slow.
+    return 4 * batch
 
 
 def chunking(batch: int, numel: int, block: int, target_programs: int) -> tuple[int, int]:

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import chunking
-from .step_loss import BLOCK, HALF_LOG_2PI, target_programs
+from . import BLOCK, HALF_LOG_2PI, chunking, target_programs
 
 NOISE_GIVEN = 0
 NOISE_SEEDED = 1
@@ -83,4 +82,4 @@ def sde_step_triton(model_output: torch.Tensor, latents: torch.Tensor, a: torch.
     return out.view(shape), sq.sum(dim=1)
 
 
-__all__ = ["sde_step_triton", "HALF_LOG_2PI"]
+__all__ = ["sde_step_triton"]

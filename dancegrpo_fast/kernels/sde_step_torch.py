@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .step_loss_torch import _blocks
+from .step_loss_torch import row_blocks
 
 
 def sde_step_torch(model_output: Tensor, latents: Tensor, a: Tensor, b: Tensor, s: Tensor,
@@ -20,7 +20,7 @@ def sde_step_torch(model_output: Tensor, latents: Tensor, a: Tensor, b: Tensor, 
     a, b, s = (t.detach().to(torch.float32) for t in (a, b, s))
     out = torch.empty_like(x2)
     sq = torch.zeros(batch, dtype=torch.float32, device=x2.device)
-    for rs, cs in _blocks(batch, n):
+    for rs, cs in row_blocks(batch, n):
         mean = v2[rs, cs].to(torch.float32, copy=True)
         mean.mul_(b[rs, None]).addcmul_(x2[rs, cs], a[rs, None])
         if noise2 is None:

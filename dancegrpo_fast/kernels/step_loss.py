@@ -14,27 +14,16 @@ Three launches in all; the only memory beyond inputs and the gradient is O(B * c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import chunking
+from . import BLOCK, HALF_LOG_2PI, chunking, target_programs
 
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-BLOCK = 1024
 FINISH_BLOCK_B = 64
 FINISH_BLOCK_C = 16
-
-
-def target_programs(device: torch.device, batch: int) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 8
-    # Interpreter: each program costs Python overhead; a few chunks per row keep the chunked
-    # reduction exercised without making tests slow.
-    return 4 * batch
 
 
 # Arguments read or written once per program (per-row coefficients and scales, the per-chunk

@@ -7,17 +7,17 @@ v, x, x' and the mean alive for the backward; this recomputes them instead.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from . import HALF_LOG_2PI
+
 ROW_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per temporary
 
 
-def _blocks(batch: int, n: int):
+def row_blocks(batch: int, n: int):
     """(rows, cols) slices tiling a (batch, n) matrix in blocks of about ROW_BLOCK_ELEMENTS:
     several whole rows when rows are short, column pieces of one row when they are long."""
     if n <= ROW_BLOCK_ELEMENTS:
@@ -49,7 +49,7 @@ def row_sums(v2: Tensor, x2: Tensor, xn2: Tensor, vref2: Optional[Tensor], a: Te
     batch, n = v2.shape
     sq = torch.zeros(batch, dtype=a.dtype, device=v2.device)
     klsq = torch.zeros(batch, dtype=a.dtype, device=v2.device)
-    for rs, cs in _blocks(batch, n):
+    for rs, cs in row_blocks(batch, n):
         d = _residual(v2, x2, xn2, a, b, rs, cs)
         sq[rs] += torch.linalg.vecdot(d, d, dim=1)
         if vref2 is not None:
@@ -98,7 +98,7 @@ def grad_rows(v2: Tensor, x2: Tensor, xn2: Tensor, vref2: Optional[Tensor], a: T
     """dL/dv = coef_d * d + coef_kl * (v - v_ref), in v's dtype."""
     batch, n = v2.shape
     grad = torch.empty_like(v2)
-    for rs, cs in _blocks(batch, n):
+    for rs, cs in row_blocks(batch, n):
         d = _residual(v2, x2, xn2, a, b, rs, cs)
         d.mul_(coef_d[rs, None])
         if vref2 is not None:

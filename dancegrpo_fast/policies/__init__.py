@@ -1,7 +1,10 @@
 """Policy adapters, one per model family: the only place that knows model details."""
 from __future__ import annotations
 
-from .base import ModelLoadError, Policy, StepSchedule, check_model_folder, ddim_schedule, flow_schedule
+import importlib
+
+from ..config import ModelConfig, SamplerConfig
+from .base import ModelLoadError, Policy, check_model_folder
 
 POLICIES = {
     "flux": ("dancegrpo_fast.policies.flux", "FluxPolicy"),
@@ -9,20 +12,19 @@ POLICIES = {
     "sd": ("dancegrpo_fast.policies.sd", "SDPolicy"),
     "hunyuan_video": ("dancegrpo_fast.policies.hunyuan_video", "HunyuanVideoPolicy"),
     "wan": ("dancegrpo_fast.policies.wan", "WanPolicy"),
-    "tiny": ("dancegrpo_fast.policies.tiny", "TinyPolicy"),
+    # The built-in tiny task keeps its policy with the rest of the task.
+    "tiny": ("dancegrpo_fast.tiny.policy", "TinyPolicy"),
 }
 
 
-def build_policy(config, device="cpu") -> Policy:
-    """The policy of config.model_family, loaded from config.model_path."""
-    import importlib
-
-    if config.model_family not in POLICIES:
-        raise ValueError(f"model_family must be one of {sorted(POLICIES)}, got {config.model_family!r}")
-    module_name, class_name = POLICIES[config.model_family]
+def build_policy(options: ModelConfig, sampling: SamplerConfig, device="cpu") -> Policy:
+    """The policy of options.family, loaded from options.path (each family's module is imported
+    only when asked for: it pulls in its diffusers classes)."""
+    if options.family not in POLICIES:
+        raise ValueError(f"model_family must be one of {sorted(POLICIES)}, got {options.family!r}")
+    module_name, class_name = POLICIES[options.family]
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config.model_path, config, device)
+    return cls(options, sampling, device)
 
 
-__all__ = ["Policy", "StepSchedule", "ModelLoadError", "build_policy", "check_model_folder", "flow_schedule",
-           "ddim_schedule", "POLICIES"]
+__all__ = ["Policy", "ModelLoadError", "build_policy", "check_model_folder", "POLICIES"]

@@ -12,15 +12,14 @@ import abc
 import json
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..sde import (StepCoefficients, ddim_coefficients, dance_coefficients, flow_grpo_coefficients, flow_sigmas,
-                   ode_coefficients)
+from ..config import ModelConfig, SamplerConfig
+from ..schedules import StepSchedule, flow_schedule
 from .meta_pipeline import build_meta_pipeline, holds_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,97 +30,6 @@ Conditioning = Dict[str, Tensor]
 class ModelLoadError(RuntimeError):
     """A model folder that does not exist, is not in the diffusers layout, lacks a component or
     fails to load."""
-
-
-@dataclass
-class StepSchedule:
-    """The sampler as per-step tensors (S = number of steps).
-
-    timesteps: (S,) float64, the timestep the model receives at each step, in its own units.
-    a, b, s: (S,) float32 affine-Gaussian coefficients (s == 0 for ODE steps).
-    sde: (S,) bool, the stochastic (trainable) steps.
-    """
-
-    timesteps: Tensor
-    a: Tensor
-    b: Tensor
-    s: Tensor
-    sde: Tensor
-
-    @property
-    def num_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    def coefficients(self, step_index: Tensor, device) -> StepCoefficients:
-        """Per-sample coefficients: step_index (B,) int64 -> StepCoefficients of (B,) each."""
-        step_index = step_index.cpu()
-        # Built on the CPU first, so that whether the step is stochastic is known without a
-        # device sync (StepCoefficients carries it through .to()).
-        return StepCoefficients(self.a[step_index], self.b[step_index], self.s[step_index]).to(device)
-
-    def model_timesteps(self, step_index: Tensor, device, dtype=torch.float32) -> Tensor:
-        return self.timesteps[step_index.cpu()].to(device=device, dtype=dtype)
-
-
-def _stack(rows: List[StepCoefficients]) -> tuple:
-    return tuple(torch.cat([getattr(c, name) for c in rows]) for name in ("a", "b", "s"))
-
-
-def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_steps: Sequence[int],
-                  timestep_scale: float) -> StepSchedule:
-    """Rectified-flow schedule (SPEC 1a/1b/1d). The model receives int(sigma * 1000) / 1000 times
-    `timestep_scale` (1 for FLUX, whose transformer multiplies by 1000 itself; 1000 for SD3,
-    HunyuanVideo, Wan), as DanceGRPO feeds it."""
-    sigmas = flow_sigmas(num_steps, shift, dtype=torch.float64)
-    sde = torch.zeros(num_steps, dtype=torch.bool)
-    sde[list(sde_steps)] = True
-    rows = []
-    for i in range(num_steps):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        if not sde[i]:
-            rows.append(ode_coefficients(sigma, sigma_next, 1))
-        elif sampler == "dance":
-            rows.append(dance_coefficients(sigma, sigma_next, eta, 1))
-        elif sampler == "flow_grpo":
-            rows.append(flow_grpo_coefficients(sigma, sigma_next, eta, float(sigmas[1]), 1))
-        else:
-            raise ValueError(f"sampler {sampler!r} is not a rectified-flow sampler (dance, flow_grpo)")
-    a, b, s = _stack(rows)
-    if (s[sde] <= 0).any():
-        raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
-    timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
-                             dtype=torch.float64)
-    return StepSchedule(timesteps, a, b, s, sde)
-
-
-def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
-    """DDIM with eta (SPEC 1c) from a diffusers DDIMScheduler's alphas_cumprod: step i goes from
-    t_i to t_i - num_train_timesteps // S. Steps outside the SDE window use eta 0 (deterministic)."""
-    if getattr(scheduler.config, "clip_sample", False):
-        raise ValueError("the scheduler has clip_sample=True, which makes the DDIM step non-affine; "
-                         "set clip_sample to false in scheduler/scheduler_config.json")
-    if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"only epsilon prediction is supported for DDIM, got "
-                         f"{scheduler.config.prediction_type!r}")
-    scheduler.set_timesteps(num_steps)
-    timesteps = scheduler.timesteps.to(torch.int64)
-    alphas = scheduler.alphas_cumprod.to(torch.float64)
-    final = float(scheduler.final_alpha_cumprod)
-    stride = scheduler.config.num_train_timesteps // num_steps
-    sde = torch.zeros(num_steps, dtype=torch.bool)
-    sde[list(sde_steps)] = True
-    rows = []
-    for i, t in enumerate(timesteps.tolist()):
-        prev_t = t - stride
-        alpha_bar_prev = float(alphas[prev_t]) if prev_t >= 0 else final
-        rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
-    a, b, s = _stack(rows)
-    if (s[sde] <= 0).any():
-        bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
-        raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: their two alphas coincide, e.g. "
-                         f"steps_offset=0 with set_alpha_to_one=False at t = 0); shrink the SDE window "
-                         f"or fix the scheduler config")
-    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)
 
 
 def check_model_folder(path, pipeline_classes: Sequence[str], family: str) -> Dict:
@@ -159,6 +67,10 @@ def check_model_folder(path, pipeline_classes: Sequence[str], family: str) -> Di
 class Policy(abc.ABC):
     """One model family. Subclasses set the class attributes and implement the abstract methods.
 
+    A policy gets only the configuration sections it needs: `options` (ModelConfig: folder,
+    dtypes, resolution, text length) and `sampling` (SamplerConfig: the sampler, its steps,
+    guidance).
+
     Attributes after construction: `pipe` (the diffusers pipeline), `model` (the trainable
     nn.Module, `pipe.<model_component>`), `forward_model` (what predict calls: `model` or its
     DDP wrapper), `device`.
@@ -172,19 +84,20 @@ class Policy(abc.ABC):
     lora_layers_argument: str = "transformer_lora_layers"
     supports_guidance_embedding = False
 
-    def __init__(self, model_path: str, config, device: torch.device | str = "cpu"):
-        self.config = config
+    def __init__(self, options: ModelConfig, sampling: SamplerConfig, device: torch.device | str = "cpu"):
+        self.options = options
+        self.sampling = sampling
         self.device = torch.device(device)
-        self.model_path = str(model_path)
-        self.dtype = DTYPES[config.model_dtype]
-        self.model_index = check_model_folder(model_path, self.pipeline_classes, self.family)
+        self.model_path = str(options.path)
+        self.dtype = DTYPES[options.dtype]
+        self.model_index = check_model_folder(options.path, self.pipeline_classes, self.family)
         self.pipe = self._load_pipeline()
         self.model: nn.Module = getattr(self.pipe, self.model_component)
         self.forward_model: nn.Module = self.model
         self._embedding_cache: "OrderedDict[str, Dict[str, Tensor]]" = OrderedDict()
         self.embedding_cache_size = 4096
         self._negative: Optional[Conditioning] = None
-        self.offload_text_encoders = bool(getattr(config, "offload_text_encoders", False))
+        self.offload_text_encoders = bool(options.offload_text_encoders)
         for name, component in self.pipe.components.items():
             if isinstance(component, nn.Module):
                 component.requires_grad_(False)
@@ -192,7 +105,7 @@ class Policy(abc.ABC):
                     component.to(self.device)
                 if component is not self.model:
                     component.eval()
-        self.set_attention_backend(config.attention_backend)
+        self.set_attention_backend(options.attention_backend)
 
     @property
     def text_encoder_names(self) -> List[str]:
@@ -250,8 +163,8 @@ class Policy(abc.ABC):
 
     # --- sampler -------------------------------------------------------------------------------
     def schedule(self) -> StepSchedule:
-        c = self.config
-        return flow_schedule(c.num_steps, c.shift, c.sampler, c.eta, c.sde_steps(), self.timestep_scale)
+        c = self.sampling
+        return flow_schedule(c.num_steps, c.shift, c.name, c.eta, c.sde_steps(), self.timestep_scale)
 
     @abc.abstractmethod
     def latent_shape(self) -> tuple:
@@ -290,12 +203,12 @@ class Policy(abc.ABC):
 
     def negative_conditioning(self, batch: int) -> Conditioning:
         if self._negative is None:
-            self._negative = self.encode([self.config.negative_prompt])
+            self._negative = self.encode([self.sampling.negative_prompt])
         return {k: v.expand(batch, *v.shape[1:]) for k, v in self._negative.items()}
 
     @property
     def uses_cfg(self) -> bool:
-        return self.config.cfg_scale != 1.0
+        return self.sampling.cfg_scale != 1.0
 
     # --- model call ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -318,7 +231,7 @@ class Policy(abc.ABC):
         both = {k: torch.cat([negative[k], cond[k]]) for k in cond}
         out = self._call_model(module, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
         uncond, text = out.chunk(2)
-        return uncond + self.config.cfg_scale * (text - uncond)
+        return uncond + self.sampling.cfg_scale * (text - uncond)
 
     # --- decoding ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -18,14 +18,14 @@ class FluxPolicy(Policy):
     pipeline_classes = ("FluxPipeline",)
     timestep_scale = 1.0
 
-    def __init__(self, model_path, config, device="cpu"):
-        super().__init__(model_path, config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        super().__init__(options, sampling, device)
         vae_scale = self.pipe.vae_scale_factor
-        if config.height % (vae_scale * 2) or config.width % (vae_scale * 2):
+        if options.height % (vae_scale * 2) or options.width % (vae_scale * 2):
             raise ValueError(f"FLUX needs height and width divisible by {vae_scale * 2}, got "
-                             f"{config.height}x{config.width}")
-        self.latent_height = 2 * (config.height // (vae_scale * 2))
-        self.latent_width = 2 * (config.width // (vae_scale * 2))
+                             f"{options.height}x{options.width}")
+        self.latent_height = 2 * (options.height // (vae_scale * 2))
+        self.latent_width = 2 * (options.width // (vae_scale * 2))
         self.latent_channels = self.model.config.in_channels // 4
         self.image_ids = self.pipe._prepare_latent_image_ids(1, self.latent_height // 2, self.latent_width // 2,
                                                              self.device, torch.float32)
@@ -36,7 +36,7 @@ class FluxPolicy(Policy):
 
     def _encode_uncached(self, prompts: List[str]) -> Conditioning:
         prompt_embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
-                                                           max_sequence_length=self.config.max_sequence_length)
+                                                           max_sequence_length=self.options.max_sequence_length)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
@@ -45,7 +45,7 @@ class FluxPolicy(Policy):
         txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=self.device, dtype=dtype)
         guidance = None
         if self.has_guidance:
-            guidance = torch.full((batch,), self.config.guidance_scale, device=self.device, dtype=torch.float32)
+            guidance = torch.full((batch,), self.sampling.guidance_scale, device=self.device, dtype=torch.float32)
         return module(hidden_states=latents.to(dtype), timestep=timesteps, guidance=guidance,
                       pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
                       encoder_hidden_states=cond["prompt_embeds"].to(dtype), txt_ids=txt_ids,
@@ -54,7 +54,7 @@ class FluxPolicy(Policy):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
-        unpacked = self.pipe._unpack_latents(latents, self.config.height, self.config.width,
+        unpacked = self.pipe._unpack_latents(latents, self.options.height, self.options.width,
                                              self.pipe.vae_scale_factor)
         unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
         return to_unit_range(vae.decode(unpacked.to(vae.dtype), return_dict=False)[0])

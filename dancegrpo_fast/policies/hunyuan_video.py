@@ -16,23 +16,23 @@ class HunyuanVideoPolicy(Policy):
     modality = "video"
     timestep_scale = 1000.0
 
-    def __init__(self, model_path, config, device="cpu"):
-        super().__init__(model_path, config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        super().__init__(options, sampling, device)
         spatial = self.pipe.vae_scale_factor_spatial
         temporal = self.pipe.vae_scale_factor_temporal
-        if config.height % spatial or config.width % spatial:
-            raise ValueError(f"HunyuanVideo needs height and width divisible by {spatial}, got {config.height}x{config.width}")
-        if (config.num_frames - 1) % temporal:
-            raise ValueError(f"HunyuanVideo needs num_frames = {temporal} k + 1, got {config.num_frames}")
-        self._shape = (self.model.config.in_channels, (config.num_frames - 1) // temporal + 1,
-                       config.height // spatial, config.width // spatial)
+        if options.height % spatial or options.width % spatial:
+            raise ValueError(f"HunyuanVideo needs height and width divisible by {spatial}, got {options.height}x{options.width}")
+        if (options.num_frames - 1) % temporal:
+            raise ValueError(f"HunyuanVideo needs num_frames = {temporal} k + 1, got {options.num_frames}")
+        self._shape = (self.model.config.in_channels, (options.num_frames - 1) // temporal + 1,
+                       options.height // spatial, options.width // spatial)
 
     def latent_shape(self) -> tuple:
         return self._shape
 
     def _encode_uncached(self, prompts: List[str]) -> Conditioning:
         embeds, pooled, mask = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
-                                                       max_sequence_length=self.config.max_sequence_length)
+                                                       max_sequence_length=self.options.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
 
     def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
@@ -40,7 +40,7 @@ class HunyuanVideoPolicy(Policy):
         batch = latents.shape[0]
         guidance = None
         if self.model.config.guidance_embeds:
-            guidance = torch.full((batch,), self.config.guidance_scale * 1000.0, device=self.device, dtype=dtype)
+            guidance = torch.full((batch,), self.sampling.guidance_scale * 1000.0, device=self.device, dtype=dtype)
         return module(hidden_states=latents.to(dtype), timestep=timesteps,
                       encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                       encoder_attention_mask=cond["prompt_attention_mask"],

@@ -7,7 +7,8 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, Policy, StepSchedule, ddim_schedule, to_unit_range
+from ..schedules import StepSchedule, ddim_schedule
+from .base import Conditioning, Policy, to_unit_range
 
 
 class SDPolicy(Policy):
@@ -16,19 +17,19 @@ class SDPolicy(Policy):
     model_component = "unet"
     lora_layers_argument = "unet_lora_layers"
 
-    def __init__(self, model_path, config, device="cpu"):
-        super().__init__(model_path, config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        super().__init__(options, sampling, device)
         scale = self.pipe.vae_scale_factor
-        if config.height % scale or config.width % scale:
-            raise ValueError(f"SD needs height and width divisible by {scale}, got {config.height}x{config.width}")
-        self._shape = (self.model.config.in_channels, config.height // scale, config.width // scale)
+        if options.height % scale or options.width % scale:
+            raise ValueError(f"SD needs height and width divisible by {scale}, got {options.height}x{options.width}")
+        self._shape = (self.model.config.in_channels, options.height // scale, options.width // scale)
 
     def schedule(self) -> StepSchedule:
         from diffusers import DDIMScheduler
 
         # The DDIM step of SPEC 1c whatever scheduler the folder ships (SD 1.4 ships PNDM).
         scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
-        c = self.config
+        c = self.sampling
         return ddim_schedule(scheduler, c.num_steps, c.eta, c.sde_steps())
 
     def latent_shape(self) -> tuple:

@@ -17,13 +17,13 @@ class SD3Policy(Policy):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     timestep_scale = 1000.0
 
-    def __init__(self, model_path, config, device="cpu"):
-        super().__init__(model_path, config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        super().__init__(options, sampling, device)
         scale = self.pipe.vae_scale_factor
         patch = self.model.config.patch_size
-        if config.height % (scale * patch) or config.width % (scale * patch):
-            raise ValueError(f"SD3 needs height and width divisible by {scale * patch}, got {config.height}x{config.width}")
-        self._shape = (self.model.config.in_channels, config.height // scale, config.width // scale)
+        if options.height % (scale * patch) or options.width % (scale * patch):
+            raise ValueError(f"SD3 needs height and width divisible by {scale * patch}, got {options.height}x{options.width}")
+        self._shape = (self.model.config.in_channels, options.height // scale, options.width // scale)
 
     def latent_shape(self) -> tuple:
         return self._shape
@@ -31,7 +31,7 @@ class SD3Policy(Policy):
     def _encode_uncached(self, prompts: List[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
                                                        do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.config.max_sequence_length)
+                                                       max_sequence_length=self.options.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:

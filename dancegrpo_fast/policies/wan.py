@@ -16,24 +16,24 @@ class WanPolicy(Policy):
     modality = "video"
     timestep_scale = 1000.0
 
-    def __init__(self, model_path, config, device="cpu"):
-        super().__init__(model_path, config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        super().__init__(options, sampling, device)
         spatial = self.pipe.vae_scale_factor_spatial
         temporal = self.pipe.vae_scale_factor_temporal
         patch = self.model.config.patch_size
-        if config.height % (spatial * patch[1]) or config.width % (spatial * patch[2]):
-            raise ValueError(f"Wan needs height and width divisible by {spatial * patch[1]}, got {config.height}x{config.width}")
-        if (config.num_frames - 1) % temporal:
-            raise ValueError(f"Wan needs num_frames = {temporal} k + 1, got {config.num_frames}")
-        self._shape = (self.model.config.in_channels, (config.num_frames - 1) // temporal + 1,
-                       config.height // spatial, config.width // spatial)
+        if options.height % (spatial * patch[1]) or options.width % (spatial * patch[2]):
+            raise ValueError(f"Wan needs height and width divisible by {spatial * patch[1]}, got {options.height}x{options.width}")
+        if (options.num_frames - 1) % temporal:
+            raise ValueError(f"Wan needs num_frames = {temporal} k + 1, got {options.num_frames}")
+        self._shape = (self.model.config.in_channels, (options.num_frames - 1) // temporal + 1,
+                       options.height // spatial, options.width // spatial)
 
     def latent_shape(self) -> tuple:
         return self._shape
 
     def _encode_uncached(self, prompts: List[str]) -> Conditioning:
         embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=self.device,
-                                            max_sequence_length=self.config.max_sequence_length)
+                                            max_sequence_length=self.options.max_sequence_length)
         return {"prompt_embeds": embeds}
 
     def _call_model(self, module: nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:

@@ -2,17 +2,19 @@
 
 See docs/rewards.md. Importing this package registers the built-in rewards:
 clip, pickscore, hps, aesthetic, jpeg_compressibility, jpeg_incompressibility, binary,
-frame_mean, remote. Model rewards import transformers only when built.
+frame_mean, remote. Model rewards import transformers only when built. A task's own rewards
+(the tiny task's tiny_geneval, yours) register when the module that defines them is imported:
+the config names it in `reward_modules`.
 """
 
 from .base import (
     Reward,
     RewardInputError,
-    WeightedRewards,
     available_rewards,
     build_reward,
-    combine_advantages,
+    import_reward_modules,
     register_reward,
+    reward_factory,
     validate_inputs,
     validate_layout,
 )
@@ -21,6 +23,7 @@ from .hps import HPSv2Reward, OpenCLIPConfig, OpenCLIPModel
 from .pool import AsyncRewardPool
 from .preprocess import ImagePreprocess
 from .remote import RemoteReward, RemoteRewardError
+from .reward_set import RewardEntry, RewardError, RewardSet
 from .rule_based import (
     BinaryReward,
     FrameMeanReward,
@@ -30,14 +33,10 @@ from .rule_based import (
 )
 
 __all__ = [
-    "Reward", "RewardInputError", "WeightedRewards", "available_rewards", "build_reward", "combine_advantages",
-    "register_reward", "validate_inputs", "validate_layout", "ImageTextSimilarityReward", "CLIPScoreReward",
-    "PickScoreReward",
+    "Reward", "RewardInputError", "available_rewards", "build_reward", "import_reward_modules", "register_reward",
+    "reward_factory", "validate_inputs", "validate_layout", "RewardSet", "RewardEntry", "RewardError",
+    "ImageTextSimilarityReward", "CLIPScoreReward", "PickScoreReward",
     "AestheticReward", "AestheticHead", "HPSv2Reward", "OpenCLIPConfig", "OpenCLIPModel", "AsyncRewardPool",
     "ImagePreprocess", "RemoteReward", "RemoteRewardError", "BinaryReward", "FrameMeanReward",
     "JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb",
 ]
-
-# The built-in tiny task's reward registers itself (tiny_geneval, tiny_geneval_binary); imported
-# last because it builds on this package.
-from ..tiny import reward as _tiny_reward  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""The reward interface, input validation, the registry and weighted multi-reward scoring.
+"""The reward interface, input validation and the registry of rewards by name.
 
 A reward maps a batch of images (or videos) and their prompts to one float score per sample:
 
@@ -14,14 +14,10 @@ moves the chunks to its device; a subclass only implements `_score` on one valid
 from __future__ import annotations
 
 import abc
-import math
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+import importlib
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
-
-# The GRPO layer (layer 1) owns the advantage math: several rewards are combined as a weighted
-# sum of their advantages (SPEC 2). Re-exported here for users of WeightedRewards.
-from dancegrpo_fast.grpo import combine_advantages
 
 __all__ = [
     "Reward",
@@ -31,8 +27,8 @@ __all__ = [
     "register_reward",
     "build_reward",
     "available_rewards",
-    "WeightedRewards",
-    "combine_advantages",
+    "reward_factory",
+    "import_reward_modules",
 ]
 
 # Decoded VAE output is clamped to [0, 1], but a resize or a half-precision round trip on the way
@@ -209,6 +205,23 @@ def available_rewards() -> list:
     return sorted(_REGISTRY)
 
 
+def reward_factory(name: str) -> Optional[RewardFactory]:
+    """The factory registered as `name`, or None."""
+    return _REGISTRY.get(name)
+
+
+def import_reward_modules(modules: Sequence[str]) -> None:
+    """Import modules that register rewards (a task's own reward module, named in its config:
+    the registry never imports a task itself). A module that does not import is a one-line
+    error naming it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"reward_modules: could not import {module!r} ({type(error).__name__}: {error}); "
+                             f"give an importable module that registers rewards with register_reward") from None
+
+
 def build_reward(name: str, **kwargs: Any) -> Reward:
     """Build the reward registered as `name` with keyword arguments `kwargs`."""
     if name not in _REGISTRY:
@@ -219,83 +232,3 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     if not isinstance(reward, Reward):
         raise TypeError(f"the factory registered as {name!r} returned {type(reward).__name__}, not a Reward")
     return reward
-
-
-# ----------------------------------------------------------------------------------------------
-# Several rewards
-
-RewardSpec = Union[float, int, Mapping[str, Any]]
-
-
-class WeightedRewards:
-    """Several named rewards with weights, scored on the same batch.
-
-    `config` maps a name to either a weight, or a mapping with a "weight", an optional "type"
-    (the registered reward to build; the name itself by default) and the reward's keyword
-    arguments; `reward_kwargs` gives keyword arguments per name for the short form; `rewards`
-    gives already built Reward objects by name (they take precedence over building):
-
-        WeightedRewards({"hps": 0.7, "clip": 1.4},
-                        reward_kwargs={"hps": {"checkpoint_path": ..., "tokenizer_path": ...},
-                                       "clip": {"model_path": ...}})
-        WeightedRewards({"hps": {"weight": 1.0, "checkpoint_path": ...},
-                         "hps_binary": {"type": "binary", "weight": 0.5, "reward": "hps",
-                                        "threshold": 0.28, "reward_kwargs": {...}}})
-
-    Calling it returns {name: scores (B,) float32}. The trainer turns every entry into its own
-    group advantages and combines them with `combine_advantages(advantages, self.weights)`
-    (SPEC 2: a weighted sum of advantages, not of raw rewards). A weight of 0 keeps a reward for
-    logging only.
-    """
-
-    def __init__(
-        self,
-        config: Mapping[str, RewardSpec],
-        reward_kwargs: Optional[Mapping[str, Mapping[str, Any]]] = None,
-        rewards: Optional[Mapping[str, Reward]] = None,
-    ):
-        if not isinstance(config, Mapping) or not config:
-            raise ValueError(f"config must be a non-empty mapping name -> weight, got {config!r}")
-        reward_kwargs = dict(reward_kwargs or {})
-        rewards = dict(rewards or {})
-        unknown = (set(reward_kwargs) | set(rewards)) - set(config)
-        if unknown:
-            raise ValueError(f"reward_kwargs/rewards name rewards absent from config: {sorted(unknown)}")
-        self.weights: Dict[str, float] = {}
-        self.rewards: Dict[str, Reward] = {}
-        for name, spec in config.items():
-            if isinstance(spec, Mapping):
-                spec = dict(spec)
-                if "weight" not in spec:
-                    raise ValueError(f"config[{name!r}] must have a 'weight', got keys {sorted(spec)}")
-                weight = spec.pop("weight")
-                reward_type = spec.pop("type", name)
-                kwargs = {**reward_kwargs.get(name, {}), **spec}
-            else:
-                weight, reward_type, kwargs = spec, name, dict(reward_kwargs.get(name, {}))
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
-            self.weights[name] = float(weight)
-            if name in rewards:
-                if not isinstance(rewards[name], Reward):
-                    raise TypeError(f"rewards[{name!r}] must be a Reward, got {type(rewards[name]).__name__}")
-                self.rewards[name] = rewards[name]
-            else:
-                self.rewards[name] = build_reward(reward_type, **kwargs)
-
-    @property
-    def names(self) -> list:
-        return list(self.rewards)
-
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        """Score the batch with every reward: {name: (B,) float32 CPU}."""
-        return {name: reward(images, prompts) for name, reward in self.rewards.items()}
-
-    def weighted_sum(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """sum_name weight * scores[name], (B,): for logging a single number; GRPO combines
-        advantages, not raw scores (see `combine_advantages`)."""
-        return combine_advantages(scores, self.weights)
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{name}={self.weights[name]:g}*{reward!r}" for name, reward in self.rewards.items())
-        return f"WeightedRewards({parts})"

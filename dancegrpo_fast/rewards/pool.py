@@ -5,7 +5,7 @@ the iteration's prompts are rolled out in chunks; as soon as a chunk is decoded 
 submitted, and the policy samples the next chunk while a worker thread scores the previous one.
 Only the last chunk's rewards are waited for before the advantages are computed.
 
-    pool = AsyncRewardPool(rewards)                  # a Reward, WeightedRewards or any callable
+    pool = AsyncRewardPool(rewards)                  # a Reward, RewardSet or any callable
     futures = []
     for chunk in prompt_chunks:                      # e.g. G prompts' groups per chunk
         trajectory = rollout(policy, chunk)          # GPU busy sampling
@@ -40,7 +40,7 @@ class AsyncRewardPool:
     """A small thread pool computing rewards in the background.
 
     reward_fn: any callable (images, prompts) -> result: a Reward (result (B,) float32), a
-    WeightedRewards (result {name: (B,)}), a RemoteReward. num_workers: concurrent calls (1 keeps
+    RewardSet (result {name: (B,)}), a RemoteReward. num_workers: concurrent calls (1 keeps
     the reward model's memory use flat; raise it for remote rewards). clone_inputs: copy the
     images before returning from submit, so the caller may overwrite its buffers at once.
     """

@@ -44,7 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .base import Reward, build_reward, validate_inputs, validate_layout
+from . import clip_models, hps, remote, rule_based  # noqa: F401  (register the built-in rewards)
+from .base import Reward, available_rewards, build_reward, import_reward_modules, validate_inputs, validate_layout
 from .remote import TOKEN_ENV, WireFormatError, images_to_float, request_from_payload, request_payload, request_text
 
 __all__ = ["RewardServer", "main", "DEFAULT_LIMITS"]
@@ -616,11 +617,12 @@ class RewardServer:
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    import dancegrpo_fast.rewards  # noqa: F401  (registers the built-in rewards)
-    from .base import available_rewards
-
     parser = argparse.ArgumentParser(prog="python -m dancegrpo_fast.rewards.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reward", required=True, help=f"registered reward: {', '.join(available_rewards())}")
+    parser.add_argument("--reward", required=True, help=f"registered reward: {', '.join(available_rewards())}, or "
+                                                         f"one that a --reward-module registers")
+    parser.add_argument("--reward-module", action="append", default=[], dest="reward_modules",
+                        help="module to import first, which registers rewards (repeatable; e.g. "
+                             "dancegrpo_fast.tiny.reward for tiny_geneval, or your own)")
     parser.add_argument("--reward-kwargs", default="{}", help="JSON object of the reward's keyword arguments")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind; beyond localhost use --token (or a private network)")
@@ -650,6 +652,13 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"bearer token every request must carry (default: the {TOKEN_ENV} environment "
                              f"variable; unset = no authentication). Prefer the variable: flags show in `ps`")
     args = parser.parse_args(argv)
+    try:
+        import_reward_modules(args.reward_modules)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.reward not in available_rewards():
+        parser.error(f"--reward {args.reward!r} is not registered; known: {', '.join(available_rewards())} "
+                     f"(a reward of your own: name its module with --reward-module)")
     try:
         args.reward_kwargs = json.loads(args.reward_kwargs)
     except json.JSONDecodeError as error:

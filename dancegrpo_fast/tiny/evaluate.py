@@ -6,7 +6,7 @@ score them with the rule-based tiny_geneval reward, per criterion.
         --transformer outputs/run/checkpoints/iter_000040/model/transformer  # an RL checkpoint
     python -m dancegrpo_fast.tiny.evaluate --random_init --split heldout  # the untrained model
 
-Sampling is the trainer's held-out evaluation sampling (dancegrpo_fast.evaluation.sample_fixed):
+Sampling is the trainer's held-out evaluation sampling (dancegrpo_fast.rollout.sample_fixed):
 TinyPolicy.schedule() (SPEC 1a coefficients), noise.grouped_noise for x_T (one seed per prompt)
 and ops.sde_step with per-sample seeds, so a given (prompt list, seed) is reproducible and equals
 the trainer's eval samples with eval_seed = seed.
@@ -22,6 +22,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..config import ModelConfig, SamplerConfig, apply_preset
+from ..logging_utils import save_sample_grid
+from ..rollout import sample_fixed
+from . import WEIGHTS_DIR
+from .model import TinyFlowPipeline
+from .policy import TinyPolicy
+from .reward import TinyGenEvalReward, summarize
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 
@@ -38,29 +45,20 @@ def load_split_prompts(split: str) -> List[str]:
     return [line.strip() for line in prompt_file(split).read_text().splitlines() if line.strip()]
 
 
-def sampler_config(num_steps: int = 16, eta: float = 0.5, shift: float = 3.0, sampler: str = "dance",
-                   cfg_scale: float = 1.0):
-    """A TrainConfig carrying what the policy needs to sample (not validated: model_family tiny)."""
-    from ..config import TrainConfig
-
-    return TrainConfig(model_family="tiny", height=32, width=32, num_steps=num_steps, eta=eta, shift=shift,
-                       sampler=sampler, cfg_scale=cfg_scale)
+def sampler_config(num_steps: int = 8, eta: float = 0.5, shift: float = 3.0, sampler: str = "dance",
+                   cfg_scale: float = 1.0) -> SamplerConfig:
+    """The sampler the policy samples with."""
+    return SamplerConfig(name=sampler, num_steps=num_steps, eta=eta, shift=shift, cfg_scale=cfg_scale)
 
 
 def load_policy(model_path: str = "", transformer: Optional[str] = None, random_init_seed: Optional[int] = None,
-                device="cpu", **sampler_kwargs):
+                device="cpu", **sampler_kwargs) -> TinyPolicy:
     """A TinyPolicy: the shipped weights (model_path ""), a weights folder, a randomly initialised
     model (random_init_seed), and/or a fine-tuned transformer folder (an RL checkpoint's
     model/transformer) replacing the transformer."""
-    from ..policies.tiny import TinyPolicy
-    from .model import TinyFlowPipeline
-
-    config = sampler_config(**sampler_kwargs)
     if random_init_seed is not None:
         # A randomly initialised transformer and text encoder over the trained VAE of model_path
         # (the shipped one by default): what the flow itself learned is what the baseline lacks.
-        from . import WEIGHTS_DIR
-
         torch.manual_seed(random_init_seed)
         random_pipe = TinyFlowPipeline.from_config()
         trained = TinyFlowPipeline.from_pretrained(model_path or WEIGHTS_DIR)
@@ -68,7 +66,9 @@ def load_policy(model_path: str = "", transformer: Optional[str] = None, random_
         TinyFlowPipeline(random_pipe.transformer, random_pipe.text_encoder, trained.image_size,
                          trained.vae).save_pretrained(folder)
         model_path = folder
-    policy = TinyPolicy(model_path, config, device)
+    options = ModelConfig(family="tiny", path=str(model_path), height=32, width=32, dtype="float32",
+                          mixed_precision="no")
+    policy = TinyPolicy(options, sampler_config(**sampler_kwargs), device)
     if transformer:
         from diffusers import FluxTransformer2DModel
 
@@ -82,9 +82,7 @@ def load_policy(model_path: str = "", transformer: Optional[str] = None, random_
 def sample(policy, prompts: Sequence[str], seed: int = 0, batch_size: int = 64) -> torch.Tensor:
     """One image per prompt with the policy's sampler: (B, 3, H, W) float32 in [0, 1]. Prompt k
     uses initial-noise seed (seed, k) and step-noise seed (seed, k): the trainer's held-out
-    evaluation sampling, `dancegrpo_fast.evaluation.sample_fixed`."""
-    from ..evaluation import sample_fixed
-
+    evaluation sampling, `dancegrpo_fast.rollout.sample_fixed`."""
     return sample_fixed(policy, policy.schedule(), prompts, seed, batch_size, mixed_precision="no")
 
 
@@ -92,8 +90,6 @@ def evaluate(policy, prompts: Sequence[str], samples_per_prompt: int = 1, seed: 
              batch_size: int = 64, reward=None) -> Dict[str, float]:
     """Mean tiny_geneval score and per-criterion means over `samples_per_prompt` samples of
     every prompt; also the fraction of fully correct samples (score > 0.99)."""
-    from .reward import TinyGenEvalReward, summarize
-
     reward = reward or TinyGenEvalReward()
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     images = sample(policy, repeated, seed, batch_size)
@@ -113,14 +109,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
                         help="prompt list: the shipped held-out or RL-train prompts")
     parser.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts of the list (0 = all)")
-    parser.add_argument("--samples_per_prompt", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_steps", type=int, default=16)
-    parser.add_argument("--eta", type=float, default=0.5)
-    parser.add_argument("--shift", type=float, default=3.0)
-    parser.add_argument("--sampler", default="dance", choices=("dance", "flow_grpo"))
-    parser.add_argument("--cfg_scale", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    # Defaults: the tiny preset's sampler and held-out evaluation, so these numbers are the
+    # trainer's held-out numbers of the same weights.
+    preset = apply_preset("tiny")
+    sampler = preset.sampler
+    parser.add_argument("--samples_per_prompt", type=int, default=preset.eval.samples_per_prompt)
+    parser.add_argument("--seed", type=int, default=preset.eval.seed, help="the trainer's eval_seed")
+    parser.add_argument("--num_steps", type=int, default=sampler.num_steps)
+    parser.add_argument("--eta", type=float, default=sampler.eta)
+    parser.add_argument("--shift", type=float, default=sampler.shift)
+    parser.add_argument("--sampler", default=sampler.name, choices=("dance", "flow_grpo"))
+    parser.add_argument("--cfg_scale", type=float, default=sampler.cfg_scale)
+    parser.add_argument("--threads", type=int, default=preset.runtime.threads, help="torch threads (0 = leave as is)")
     parser.add_argument("--grid", default=None, help="write a PNG grid of the first 16 samples here")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -139,8 +139,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.grid:
-        from ..logging_utils import save_sample_grid
-
         images = sample(policy, prompts[:16], args.seed)
         save_sample_grid(images, args.grid, max_samples=16, columns=4)
     return 0

@@ -26,6 +26,7 @@ Weights folder (diffusers layout, so the policy's folder checks apply unchanged)
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -255,8 +256,6 @@ class TinyFlowPipeline:
 
 
 def _cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    import copy
-
     return copy.deepcopy(module).to(dtype)
 
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..rewards.base import Reward, register_reward
+from ..rewards.base import Reward, register_reward, validate_inputs
 from ..rewards.rule_based import BinaryReward
 from .task import BACKGROUND, COLORS, SHAPES, Scene, parse_prompt
 
@@ -241,8 +241,6 @@ class TinyGenEvalReward(Reward):
     def criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Per-criterion scores {color, count, shape, position, clean, score}: (B,) float32 on the CPU;
         position is NaN for one-group prompts (use torch.nanmean to average it)."""
-        from ..rewards.base import validate_inputs
-
         validate_inputs(images, list(prompts), self.modality)
         with torch.no_grad(), self._threads():
             out = self._criteria(images.clamp(0, 1).to(self.device), list(prompts))

@@ -10,12 +10,15 @@ default. An empty model_path loads the weights shipped in the package (dancegrpo
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List
 
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioning, ModelLoadError, Policy
+from ..policies.base import Conditioning, ModelLoadError, Policy
+from . import WEIGHTS_DIR
+from .model import TinyFlowPipeline
 
 
 class TinyPolicy(Policy):
@@ -23,20 +26,16 @@ class TinyPolicy(Policy):
     pipeline_classes = ("TinyFlowPipeline",)
     timestep_scale = 1.0
 
-    def __init__(self, model_path, config, device="cpu"):
-        if not model_path:
-            from ..tiny import WEIGHTS_DIR
-
-            model_path = WEIGHTS_DIR
-        super().__init__(str(model_path), config, device)
+    def __init__(self, options, sampling, device="cpu"):
+        if not options.path:
+            options = dataclasses.replace(options, path=str(WEIGHTS_DIR))
+        super().__init__(options, sampling, device)
         size = self.pipe.image_size
-        if (config.height, config.width) != (size, size):
+        if (options.height, options.width) != (size, size):
             raise ValueError(f"the tiny model generates {size}x{size} images: set height={size} and width={size} "
-                             f"(got {config.height}x{config.width})")
+                             f"(got {options.height}x{options.width})")
 
     def _load_pipeline(self):
-        from ..tiny.model import TinyFlowPipeline
-
         if self.device.type == "meta":
             return self._build_on_meta(TinyFlowPipeline)
         try:

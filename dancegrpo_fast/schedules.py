@@ -1,0 +1,108 @@
+"""Step schedules: a sampler (SPEC 1) as per-step (a, b, s) coefficients for the steps of a run.
+
+A `StepSchedule` is what the rollout and the trainer step with: for step i, the timestep the model
+receives and the affine-Gaussian coefficients of `dancegrpo_fast.sde`. `flow_schedule` builds it
+for rectified flows (DanceGRPO's and Flow-GRPO's SDEs, ODE steps outside an SDE window),
+`ddim_schedule` for epsilon-prediction diffusion (DDIM with eta).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from .sde import (StepCoefficients, ddim_coefficients, dance_coefficients, flow_grpo_coefficients, flow_sigmas,
+                  ode_coefficients)
+
+
+@dataclass
+class StepSchedule:
+    """The sampler as per-step tensors (S = number of steps).
+
+    timesteps: (S,) float64, the timestep the model receives at each step, in its own units.
+    a, b, s: (S,) float32 affine-Gaussian coefficients (s == 0 for ODE steps).
+    sde: (S,) bool, the stochastic (trainable) steps.
+    """
+
+    timesteps: Tensor
+    a: Tensor
+    b: Tensor
+    s: Tensor
+    sde: Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    def coefficients(self, step_index: Tensor, device) -> StepCoefficients:
+        """Per-sample coefficients: step_index (B,) int64 -> StepCoefficients of (B,) each."""
+        step_index = step_index.cpu()
+        # Built on the CPU first, so that whether the step is stochastic is known without a
+        # device sync (StepCoefficients carries it through .to()).
+        return StepCoefficients(self.a[step_index], self.b[step_index], self.s[step_index]).to(device)
+
+    def model_timesteps(self, step_index: Tensor, device, dtype=torch.float32) -> Tensor:
+        return self.timesteps[step_index.cpu()].to(device=device, dtype=dtype)
+
+
+def _stack(rows: List[StepCoefficients]) -> tuple:
+    return tuple(torch.cat([getattr(c, name) for c in rows]) for name in ("a", "b", "s"))
+
+
+def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_steps: Sequence[int],
+                  timestep_scale: float) -> StepSchedule:
+    """Rectified-flow schedule (SPEC 1a/1b/1d). The model receives int(sigma * 1000) / 1000 times
+    `timestep_scale` (1 for FLUX, whose transformer multiplies by 1000 itself; 1000 for SD3,
+    HunyuanVideo, Wan), as DanceGRPO feeds it."""
+    sigmas = flow_sigmas(num_steps, shift, dtype=torch.float64)
+    sde = torch.zeros(num_steps, dtype=torch.bool)
+    sde[list(sde_steps)] = True
+    rows = []
+    for i in range(num_steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if not sde[i]:
+            rows.append(ode_coefficients(sigma, sigma_next, 1))
+        elif sampler == "dance":
+            rows.append(dance_coefficients(sigma, sigma_next, eta, 1))
+        elif sampler == "flow_grpo":
+            rows.append(flow_grpo_coefficients(sigma, sigma_next, eta, float(sigmas[1]), 1))
+        else:
+            raise ValueError(f"sampler {sampler!r} is not a rectified-flow sampler (dance, flow_grpo)")
+    a, b, s = _stack(rows)
+    if (s[sde] <= 0).any():
+        raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
+    timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
+                             dtype=torch.float64)
+    return StepSchedule(timesteps, a, b, s, sde)
+
+
+def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
+    """DDIM with eta (SPEC 1c) from a diffusers DDIMScheduler's alphas_cumprod: step i goes from
+    t_i to t_i - num_train_timesteps // S. Steps outside the SDE window use eta 0 (deterministic)."""
+    if getattr(scheduler.config, "clip_sample", False):
+        raise ValueError("the scheduler has clip_sample=True, which makes the DDIM step non-affine; "
+                         "set clip_sample to false in scheduler/scheduler_config.json")
+    if getattr(scheduler.config, "prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"only epsilon prediction is supported for DDIM, got "
+                         f"{scheduler.config.prediction_type!r}")
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.to(torch.int64)
+    alphas = scheduler.alphas_cumprod.to(torch.float64)
+    final = float(scheduler.final_alpha_cumprod)
+    stride = scheduler.config.num_train_timesteps // num_steps
+    sde = torch.zeros(num_steps, dtype=torch.bool)
+    sde[list(sde_steps)] = True
+    rows = []
+    for i, t in enumerate(timesteps.tolist()):
+        prev_t = t - stride
+        alpha_bar_prev = float(alphas[prev_t]) if prev_t >= 0 else final
+        rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
+    a, b, s = _stack(rows)
+    if (s[sde] <= 0).any():
+        bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
+        raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: their two alphas coincide, e.g. "
+                         f"steps_offset=0 with set_alpha_to_one=False at t = 0); shrink the SDE window "
+                         f"or fix the scheduler config")
+    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)
