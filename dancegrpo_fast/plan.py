@@ -43,6 +43,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .config import FIELDS, TrainConfig, parse_config
+from .config import build_parser as trainer_parser
+from .dry_run import DryRun
+from .policies import ModelLoadError
+
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 # The architecture planned for each family unless --architecture or --model_path says otherwise.
 DEFAULT_ARCHITECTURE = {"flux": "flux1_dev", "hunyuan_video": "hunyuan_video_t2v", "sd": "sd14",
@@ -76,6 +81,12 @@ GPUS = {
 
 class PlanError(ValueError):
     """A plan argument that is wrong; the message names it."""
+
+
+def setting(config: TrainConfig, name: str):
+    """A setting by its flat name (the trainer's flag): "train_batch_size" is config.optim.batch_size."""
+    section, field = FIELDS[name]
+    return getattr(getattr(config, section), field.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,13 +124,13 @@ class MemoryPlan:
 
 def sharded(config, gpus: int) -> bool:
     """FSDP2 shards only under torchrun with more than one process (distributed.wrap_model)."""
-    return config.parallel == "fsdp" and gpus > 1
+    return config.runtime.parallel == "fsdp" and gpus > 1
 
 
 def forward_param_dtype(config, gpus: int) -> Optional[torch.dtype]:
     """The dtype the trainable model's parameters have in its forward when it is not how they are
     stored: FSDP2 with bf16 mixed precision all-gathers bf16 copies (distributed.wrap_model)."""
-    return torch.bfloat16 if sharded(config, gpus) and config.mixed_precision == "bf16" else None
+    return torch.bfloat16 if sharded(config, gpus) and config.model.mixed_precision == "bf16" else None
 
 
 def memory_plan(dry, run, config, gpus: int, gpu: Gpu) -> MemoryPlan:
@@ -129,16 +140,18 @@ def memory_plan(dry, run, config, gpus: int, gpu: Gpu) -> MemoryPlan:
     text = sum(dry.frozen[name].bytes for name in dry.text_encoders)
     others = sum(size.bytes for name, size in dry.frozen.items() if name not in dry.text_encoders)
     samples = config.samples_per_rank
-    steps = config.num_steps
+    steps = config.sampler.num_steps
     latent = math.prod(dry.latent_shape)
     held = {
         "weights": math.ceil((run.model.bytes - run.model.buffer_bytes) / shards) + run.model.buffer_bytes,
         "optimizer": math.ceil(2 * trainable * fp32 / shards),
         "gradient buckets (DDP)": trainable * fp32 if shards == 1 and gpus > 1 else 0,
-        "EMA": math.ceil(trainable * fp32 / shards) if config.ema_decay > 0 else 0,
-        # Trainer: a frozen float32 copy of the model for the KL, made before wrapping (never sharded).
-        "reference model (KL)": run.model.parameters * fp32 if config.kl_beta > 0 and not config.use_lora else 0,
-        "text encoders": 0 if config.offload_text_encoders else text,
+        "EMA": math.ceil(trainable * fp32 / shards) if config.optim.ema_decay > 0 else 0,
+        # model_setup.TrainingSetup: a frozen float32 copy of the model for the KL, made before wrapping
+        # (never sharded).
+        "reference model (KL)": (run.model.parameters * fp32 if config.grpo.kl_beta > 0 and not config.optim.use_lora
+                                 else 0),
+        "text encoders": 0 if config.model.offload_text_encoders else text,
         "VAE and other frozen parts": others,
         "rollout buffers": samples * (steps + 1) * latent * fp32 + samples * steps * fp32
                            + samples * config.trained_timesteps() * fp32,
@@ -154,10 +167,10 @@ def memory_plan(dry, run, config, gpus: int, gpu: Gpu) -> MemoryPlan:
         backward_set = forward_set + 2 * largest * compute
     base = sum(held.values())
     phases = {
-        "encode": base + (text if config.offload_text_encoders else 0) + dry.encode.peak_bytes,
+        "encode": base + (text if config.model.offload_text_encoders else 0) + dry.encode.peak_bytes,
         "rollout": base + run.rollout_step.peak_bytes + forward_set,
-        "decode": base + dry.decode(config.rollout_batch_size).peak_bytes,
-        "update": base + gradients + run.train_steps[config.gradient_checkpointing].peak_bytes + backward_set,
+        "decode": base + dry.decode(config.rollout.batch_size).peak_bytes,
+        "update": base + gradients + run.train_steps[config.model.gradient_checkpointing].peak_bytes + backward_set,
     }
     return MemoryPlan(held=held, gradients=gradients, fsdp_working_set=backward_set, phases=phases,
                       activations={k: v.kept_bytes for k, v in run.train_steps.items()}, capacity=gpu.memory_bytes)
@@ -192,23 +205,23 @@ class TimePlan:
 
 def time_plan(dry, run, config, gpu: Gpu, mfu: float) -> TimePlan:
     samples = config.samples_per_rank
-    rollout_calls = samples // config.rollout_batch_size
-    micro_batches = samples // config.train_batch_size
+    rollout_calls = samples // config.rollout.batch_size
+    micro_batches = samples // config.optim.batch_size
     trained = config.trained_timesteps()
-    train = run.train_steps[config.gradient_checkpointing]
-    optimizer_steps = micro_batches // config.gradient_accumulation_steps
-    old_log_prob_passes = (optimizer_steps - 1) * config.gradient_accumulation_steps * trained
-    reference_passes = micro_batches * trained if config.kl_beta > 0 else 0
+    train = run.train_steps[config.model.gradient_checkpointing]
+    optimizer_steps = micro_batches // config.optim.gradient_accumulation_steps
+    old_log_prob_passes = (optimizer_steps - 1) * config.optim.gradient_accumulation_steps * trained
+    reference_passes = micro_batches * trained if config.grpo.kl_beta > 0 else 0
     common = {
-        "rollout": rollout_calls * config.num_steps * run.rollout_step.flops,
-        "decode": rollout_calls * dry.decode(config.rollout_batch_size).flops,
-        "encode": config.prompts_per_rank * dry.encode.flops,
+        "rollout": rollout_calls * config.sampler.num_steps * run.rollout_step.flops,
+        "decode": rollout_calls * dry.decode(config.rollout.batch_size).flops,
+        "encode": config.rollout.prompts_per_rank * dry.encode.flops,
     }
     flops = dict(common, update=micro_batches * trained * train.flops
                  + (old_log_prob_passes + reference_passes) * train.flops_forward)
     # The reference code's loop: one sample per call, the rollout's log-probs as the old ones (no
     # extra pass), no KL. The measured FLOPs are per batch; per sample they are the same.
-    reference = dict(common, update=samples * trained * train.flops // config.train_batch_size)
+    reference = dict(common, update=samples * trained * train.flops // config.optim.batch_size)
     return TimePlan(flops=flops, rate=gpu.bf16_flops * mfu, reference_flops=reference)
 
 
@@ -239,8 +252,8 @@ class Plan:
     def verdict(self) -> str:
         c, m = self.config, self.memory
         where = f"{self.gpus} x {self.gpu.name}"
-        how = [self.parallel_label if self.gpus > 1 else "", "LoRA" if c.use_lora else "",
-               "gradient checkpointing" if c.gradient_checkpointing else ""]
+        how = [self.parallel_label if self.gpus > 1 else "", "LoRA" if c.optim.use_lora else "",
+               "gradient checkpointing" if c.model.gradient_checkpointing else ""]
         how = " and ".join(h for h in how if h)
         time = (f"~{self.time.seconds():.0f} s per iteration at {self.mfu:.0%} MFU "
                 f"(rollout and decoding {self.time.rollout_seconds:.0f} s, update {self.time.update_seconds:.0f} s)")
@@ -258,7 +271,7 @@ class Plan:
     def to_dict(self) -> Dict:
         c, m, t = self.config, self.memory, self.time
         return {
-            "preset_settings": {k: getattr(c, k) for k in (
+            "preset_settings": {k: setting(c, k) for k in (
                 "model_family", "height", "width", "num_frames", "num_steps", "group_size", "prompts_per_rank",
                 "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "timestep_fraction",
                 "gradient_checkpointing", "use_lora", "lora_rank", "model_dtype", "mixed_precision", "parallel",
@@ -273,7 +286,7 @@ class Plan:
                            **{name: dataclasses.asdict(size) for name, size in self.dry.frozen.items()}},
             "flops_per_step": {
                 "rollout_step": dataclasses.asdict(self.run.rollout_step),
-                "decode": dataclasses.asdict(self.dry.decode(c.rollout_batch_size)),
+                "decode": dataclasses.asdict(self.dry.decode(c.rollout.batch_size)),
                 "encode_one_prompt": dataclasses.asdict(self.dry.encode),
                 "train_step": {("checkpointing" if k else "no_checkpointing"): dataclasses.asdict(v)
                                for k, v in self.run.train_steps.items()},
@@ -297,7 +310,7 @@ def _label_setting(changes: Dict, config, gpus: Optional[int]) -> str:
     flags = {"use_lora": "--lora", "gradient_checkpointing": "--gradient_checkpointing true",
              "offload_text_encoders": "--offload_text_encoders true", "parallel": "--parallel fsdp",
              "rollout_batch_size": "--rollout_batch_size 1", "train_batch_size": "--train_batch_size 1"}
-    parts = [flags[k] for k, v in changes.items() if k in flags and getattr(config, k) != v]
+    parts = [flags[k] for k, v in changes.items() if k in flags and setting(config, k) != v]
     if gpus is not None:
         parts.insert(0, f"--gpus {gpus}")
     return " ".join(parts)
@@ -307,20 +320,20 @@ def _candidates(config, gpus: int):
     """Settings to try when the configured run does not fit, as (changes, more GPUs or None): on
     the same GPUs, single changes first, then all of them, then LoRA; then more GPUs, fewest first."""
     singles = []
-    if not config.gradient_checkpointing:
+    if not config.model.gradient_checkpointing:
         singles.append({"gradient_checkpointing": True})
-    if not config.offload_text_encoders:
+    if not config.model.offload_text_encoders:
         singles.append({"offload_text_encoders": True})
-    if gpus > 1 and config.parallel == "ddp":
+    if gpus > 1 and config.runtime.parallel == "ddp":
         singles.append({"parallel": "fsdp"})
-    if config.rollout_batch_size > 1 or config.train_batch_size > 1:
+    if config.rollout.batch_size > 1 or config.optim.batch_size > 1:
         singles.append({"rollout_batch_size": 1, "train_batch_size": 1})
     frugal = {"gradient_checkpointing": True, "offload_text_encoders": True, "parallel": "fsdp"}
     same = [dict(changes) for changes in singles]
     if len(singles) > 1:
         same.append(frugal)
-    kinds = [{}] if config.use_lora else [{}, {"use_lora": True}]
-    if not config.use_lora:
+    kinds = [{}] if config.optim.use_lora else [{}, {"use_lora": True}]
+    if not config.optim.use_lora:
         same += [{"use_lora": True}, {"use_lora": True, **frugal}]
     more = [({**kind, **frugal}, n) for kind in kinds for n in (2, 4, 8, 16, 32, 64) if n > gpus]
     return [(changes, None) for changes in same], more
@@ -333,15 +346,17 @@ def find_fixes(dry, config, gpus: int, gpu: Gpu, limit: int = 2) -> List[Dict]:
     same, more = _candidates(config, gpus)
 
     def evaluate(changes, n):
-        variant = dataclasses.replace(config, **changes)
+        variant = TrainConfig.from_dict(changes, config)
         if "train_batch_size" in changes:  # the same optimizer steps per iteration
-            variant.gradient_accumulation_steps = config.gradient_accumulation_steps * config.train_batch_size
-        run = dry.trainable(variant, forward_param_dtype(variant, n), checkpointing=(variant.gradient_checkpointing,))
+            o = config.optim
+            variant.optim.gradient_accumulation_steps = o.gradient_accumulation_steps * o.batch_size
+        run = dry.trainable(variant, forward_param_dtype(variant, n),
+                            checkpointing=(variant.model.gradient_checkpointing,))
         return memory_plan(dry, run, variant, n, gpu)
 
     def effective(changes, n):
         """The changes that change something (FSDP2 needs more than one GPU)."""
-        return {k: v for k, v in changes.items() if getattr(config, k) != v and not (k == "parallel" and n == 1)}
+        return {k: v for k, v in changes.items() if setting(config, k) != v and not (k == "parallel" and n == 1)}
 
     fixes, tried = [], set()
     for changes, _ in same:
@@ -372,16 +387,14 @@ def find_fixes(dry, config, gpus: int, gpu: Gpu, limit: int = 2) -> List[Dict]:
 def make_plan(config, gpus: int, gpu: Gpu, mfu: float, compare_checkpointing: bool = True) -> Plan:
     """Dry-run config's model and project one iteration on `gpus` x `gpu` (see the module docstring).
     compare_checkpointing: also measure the training step with gradient checkpointing the other way."""
-    from .dry_run import DryRun
-
     dry = DryRun(config)
-    checkpointing = (True, False) if compare_checkpointing else (config.gradient_checkpointing,)
-    if config.gradient_checkpointing not in checkpointing:
-        checkpointing += (config.gradient_checkpointing,)
+    checkpointing = (True, False) if compare_checkpointing else (config.model.gradient_checkpointing,)
+    if config.model.gradient_checkpointing not in checkpointing:
+        checkpointing += (config.model.gradient_checkpointing,)
     run = dry.trainable(config, forward_param_dtype(config, gpus), checkpointing=checkpointing)
     memory = memory_plan(dry, run, config, gpus, gpu)
     fixes = [] if memory.fits else find_fixes(dry, config, gpus, gpu)
-    return Plan(config=config, model_path=config.model_path, gpus=gpus, gpu=gpu, mfu=mfu, dry=dry, run=run,
+    return Plan(config=config, model_path=config.model.path, gpus=gpus, gpu=gpu, mfu=mfu, dry=dry, run=run,
                 memory=memory, time=time_plan(dry, run, config, gpu, mfu), fixes=fixes)
 
 
@@ -407,15 +420,17 @@ def _model_label(path: str) -> str:
 
 
 def _settings_line(c, latent_shape) -> str:
-    frames = f", {c.num_frames} frames" if c.num_frames > 1 else ""
-    training = f"LoRA rank {c.lora_rank}" if c.use_lora else "full fine-tune"
-    autocast = "bf16 autocast" if c.mixed_precision == "bf16" else "no autocast"
-    cfg = f", CFG {c.cfg_scale:g}" if c.cfg_scale != 1.0 else ""
-    return (f"per GPU: {c.samples_per_rank} samples ({c.prompts_per_rank} prompt(s) x G {c.group_size}), "
-            f"{c.height}x{c.width}{frames}, latents {tuple(latent_shape)}, {c.num_steps} steps "
-            f"({len(c.sde_steps())} SDE), {c.trained_timesteps()} trained per sample; rollout batch "
-            f"{c.rollout_batch_size}, train batch {c.train_batch_size} x {c.gradient_accumulation_steps} accumulation; "
-            f"{training}, {autocast}, gradient checkpointing {'on' if c.gradient_checkpointing else 'off'}{cfg}")
+    frames = f", {c.model.num_frames} frames" if c.model.num_frames > 1 else ""
+    training = f"LoRA rank {c.optim.lora_rank}" if c.optim.use_lora else "full fine-tune"
+    autocast = "bf16 autocast" if c.model.mixed_precision == "bf16" else "no autocast"
+    cfg = f", CFG {c.sampler.cfg_scale:g}" if c.sampler.cfg_scale != 1.0 else ""
+    return (f"per GPU: {c.samples_per_rank} samples ({c.rollout.prompts_per_rank} prompt(s) x "
+            f"G {c.grpo.group_size}), "
+            f"{c.model.height}x{c.model.width}{frames}, latents {tuple(latent_shape)}, {c.sampler.num_steps} steps "
+            f"({len(c.sampler.sde_steps())} SDE), {c.trained_timesteps()} trained per sample; rollout batch "
+            f"{c.rollout.batch_size}, train batch {c.optim.batch_size} x {c.optim.gradient_accumulation_steps} "
+            f"accumulation; "
+            f"{training}, {autocast}, gradient checkpointing {'on' if c.model.gradient_checkpointing else 'off'}{cfg}")
 
 
 def format_table(plan: Plan) -> str:
@@ -423,8 +438,8 @@ def format_table(plan: Plan) -> str:
     c, m, t, run, dry = plan.config, plan.memory, plan.time, plan.run, plan.dry
     shards = plan.gpus if sharded(c, plan.gpus) else 1
     per = f" / {shards}" if shards > 1 else ""
-    decode = dry.decode(c.rollout_batch_size)
-    train = run.train_steps[c.gradient_checkpointing]
+    decode = dry.decode(c.rollout.batch_size)
+    train = run.train_steps[c.model.gradient_checkpointing]
 
     def compute(label, part=None):
         flops = sum(t.flops.values()) if part is None else t.flops[part]
@@ -433,10 +448,10 @@ def format_table(plan: Plan) -> str:
     def memory(label, value, note=""):
         return f"  {label:50s}{_gib(value):>8s}{note}"
 
-    cfg = " (x2 CFG)" if c.cfg_scale != 1.0 else ""
-    recompute = "+recompute" if c.gradient_checkpointing else ""
+    cfg = " (x2 CFG)" if c.sampler.cfg_scale != 1.0 else ""
+    recompute = "+recompute" if c.model.gradient_checkpointing else ""
     lines = [
-        f"PROJECTION (not a measurement) for {c.model_family} from {_model_label(plan.model_path)}, "
+        f"PROJECTION (not a measurement) for {c.model.family} from {_model_label(plan.model_path)}, "
         f"on {plan.gpus} x {plan.gpu.name}, {plan.parallel_label}",
         _settings_line(c, dry.latent_shape),
         "",
@@ -446,9 +461,9 @@ def format_table(plan: Plan) -> str:
         "",
         f"  {'compute per GPU per iteration':38s}{'PFLOP':>8s}   seconds at {plan.mfu:.0%} of "
         f"{plan.gpu.bf16_flops / 1e12:.0f} TFLOPS",
-        compute(f"rollout: {c.samples_per_rank} x {c.num_steps} forwards{cfg}", "rollout"),
+        compute(f"rollout: {c.samples_per_rank} x {c.sampler.num_steps} forwards{cfg}", "rollout"),
         compute(f"decode: {c.samples_per_rank} samples", "decode"),
-        compute(f"text encoding: {c.prompts_per_rank} prompt(s)", "encode"),
+        compute(f"text encoding: {c.rollout.prompts_per_rank} prompt(s)", "encode"),
         compute(f"update: {c.samples_per_rank} x {c.trained_timesteps()} x (fwd+bwd{recompute})", "update"),
         compute("iteration"),
         f"  one training step ({train.batch} sample(s)): forward {train.flops_forward / 1e12:.1f} TFLOP, backward "
@@ -465,7 +480,7 @@ def format_table(plan: Plan) -> str:
     if m.fsdp_working_set:
         lines.append(memory("FSDP2 all-gathered blocks, in use", m.fsdp_working_set))
     text_bytes = sum(dry.frozen[name].bytes for name in dry.text_encoders)
-    if c.offload_text_encoders:
+    if c.model.offload_text_encoders:
         lines.append(memory("text encoders (offloaded to CPU)", text_bytes, "  on GPU only to encode new prompts"))
     else:
         lines.append(memory("text encoders (on GPU)", m.held["text encoders"]))
@@ -480,7 +495,7 @@ def format_table(plan: Plan) -> str:
         memory("peak / card", m.peak, f" / {m.capacity / GIB:.1f}  " + ("fits" if m.fits else "DOES NOT FIT")),
         "",
     ]
-    if c.rollout_batch_size == 1 and c.train_batch_size == 1 and t.reference_flops == t.flops:
+    if c.rollout.batch_size == 1 and c.optim.batch_size == 1 and t.reference_flops == t.flops:
         lines.append("reference loop shape (batch 1 everywhere): this run has it already; the same projection")
     else:
         same = t.reference_flops == t.flops
@@ -534,9 +549,6 @@ def _positive_int(value: str, name: str) -> int:
 def parse_plan_args(argv: Optional[Sequence[str]] = None):
     """(config, gpus, gpu, mfu, as_json) from the command line; PlanError or ValueError naming the
     argument when one is wrong."""
-    from .config import build_parser as trainer_parser
-    from .config import parse_config
-
     args, trainer_flags = build_parser().parse_known_args(argv)
     unknown = trainer_parser().parse_known_args(trainer_flags)[1]
     if unknown:
@@ -554,7 +566,7 @@ def parse_plan_args(argv: Optional[Sequence[str]] = None):
         raise PlanError(f"--mfu must be a number in (0, 1], got {args.mfu!r}")
     if args.parallel is not None and args.parallel not in ("fsdp", "ddp"):
         raise PlanError(f"--parallel must be fsdp or ddp, got {args.parallel!r}")
-    if any(flag == "--model_path" or flag.startswith("--model_path=") for flag in trainer_flags) and args.architecture:
+    if args.architecture and any(flag.split("=")[0] in ("--model_path", "--model.path") for flag in trainer_flags):
         raise PlanError("--architecture and --model_path both name the model: give one")
     argv = ["--preset", args.preset] + (["--config", args.config] if args.config else []) + list(trainer_flags)
     if args.parallel:
@@ -565,17 +577,15 @@ def parse_plan_args(argv: Optional[Sequence[str]] = None):
     if args.architecture is not None:
         if args.architecture not in available_architectures():
             raise PlanError(f"--architecture must be one of {available_architectures()}, got {args.architecture!r}")
-        config.model_path = str(ARCHITECTURES_DIR / args.architecture)
-    elif not config.model_path:
-        default = DEFAULT_ARCHITECTURE.get(config.model_family)
+        config.model.path = str(ARCHITECTURES_DIR / args.architecture)
+    elif not config.model.path:
+        default = DEFAULT_ARCHITECTURE.get(config.model.family)
         if default is not None:
-            config.model_path = str(ARCHITECTURES_DIR / default)
+            config.model.path = str(ARCHITECTURES_DIR / default)
     return config, gpus, GPUS[args.gpu.lower()], mfu, args.json
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .policies import ModelLoadError
-
     try:
         config, gpus, gpu, mfu, as_json = parse_plan_args(argv)
         plan = make_plan(config, gpus, gpu, mfu)

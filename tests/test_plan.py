@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
 
 from dancegrpo_fast import ops  # noqa: E402
+from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.dry_run import DryRun, ModuleSize, prepare_trainable  # noqa: E402
 from dancegrpo_fast.meta_measure import StepMeter, gpu_like_meta  # noqa: E402
 from dancegrpo_fast.plan import GPUS, format_table, main, make_plan, parse_plan_args  # noqa: E402
 from dancegrpo_fast.policies import ModelLoadError, build_policy  # noqa: E402
+from dancegrpo_fast.rollout import autocast_context  # noqa: E402
 from dancegrpo_fast.sde import dance_coefficients  # noqa: E402
 
 META = torch.device("meta")
@@ -86,6 +88,16 @@ def test_fused_ops_on_meta_tensors_at_full_size():
     assert step.prev_sample.shape == x.shape and step.log_prob.shape == (batch,)
 
 
+def test_autocast_context_is_a_null_context_where_autocast_does_not_apply():
+    """torch.autocast refuses the meta device even disabled; the rollout's and the update's
+    autocast_context gives a null context there (and on the CPU), so the rollout's own loop
+    (rollout.sampling_loop) runs in the dry run."""
+    for device in (META, torch.device("cpu")):
+        for mixed_precision in ("bf16", "no"):
+            with autocast_context(device, mixed_precision):
+                assert not torch.is_autocast_enabled("cuda") and not torch.is_autocast_enabled("cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # The architectures, built through the policies' loading code
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ def test_published_parameter_counts(plans):
 def test_a_config_only_folder_cannot_be_loaded_for_training():
     config, *_ = parse_plan_args(["--preset", "flux"])
     with pytest.raises(ModelLoadError, match="configs but no weights.*meta device"):
-        build_policy(config, "cpu")
+        build_policy(config.model, config.sampler, "cpu")
 
 
 def test_meta_tokenizer_gives_full_length_prompts(plans):
@@ -145,7 +157,7 @@ def _flux_forward_flops(config, batch: int, image_tokens: int, text_tokens: int)
 
 def test_tiny_flux_forward_flops_match_an_analytic_count():
     config, *_ = parse_plan_args(["--preset", "tiny"])
-    policy = build_policy(config, META)
+    policy = build_policy(config.model, config.sampler, META)
     batch = 8
     cond = {k: v.expand(batch, *v.shape[1:]) for k, v in policy.encode(["one red circle"]).items()}
     latents = torch.empty((batch,) + tuple(policy.latent_shape()), device=META)
@@ -163,7 +175,7 @@ def test_step_meter_counts_what_flop_counter_mode_counts():
     from torch.utils.flop_counter import FlopCounterMode
 
     config, *_ = parse_plan_args(["--preset", "tiny"])
-    policy = build_policy(config, "cpu")
+    policy = build_policy(config.model, config.sampler, "cpu")
     prepare_trainable(policy, config)
     cond = {k: v.expand(4, *v.shape[1:]) for k, v in policy.encode(["two blue squares"]).items()}
     latents = torch.randn((4,) + tuple(policy.latent_shape()))
@@ -229,13 +241,13 @@ def test_training_step_memory_model_matches_a_real_cpu_step(checkpointing):
     run = DryRun(config).trainable(config, None, checkpointing=(checkpointing,))
     predicted = run.train_steps[checkpointing].peak_bytes + run.model.trainable * 4
 
-    policy = build_policy(config, "cpu")
+    policy = build_policy(config.model, config.sampler, "cpu")
     prepare_trainable(policy, config)
     if checkpointing:
         policy.model.enable_gradient_checkpointing()
-    schedule, batch = policy.schedule(), config.train_batch_size
+    schedule, batch = policy.schedule(), config.optim.batch_size
     cond = {k: v.expand(batch, *v.shape[1:]) for k, v in policy.encode(["one red circle"]).items()}
-    step = torch.full((batch,), config.trainable_steps()[0], dtype=torch.int64)
+    step = torch.full((batch,), config.sampler.trainable_steps()[0], dtype=torch.int64)
     latents = torch.randn((batch,) + tuple(policy.latent_shape()))
     next_latents, advantages = torch.randn_like(latents), torch.randn(batch)
     coeffs = schedule.coefficients(step, "cpu")
@@ -263,8 +275,8 @@ def test_every_preset_plans_at_full_size(plans, name):
     assert flops["rollout"] > 0 and flops["update"] > flops["rollout"] / 10
     c = plan.config
     # The update: samples x trained timesteps x one measured training step (forward + backward).
-    train = plan.run.train_steps[c.gradient_checkpointing]
-    assert flops["update"] == c.samples_per_rank // c.train_batch_size * c.trained_timesteps() * train.flops
+    train = plan.run.train_steps[c.model.gradient_checkpointing]
+    assert flops["update"] == c.samples_per_rank // c.optim.batch_size * c.trained_timesteps() * train.flops
     assert train.flops_backward > train.flops_forward  # backward ~2x, more with recomputation
     memory = report["memory_bytes"]
     assert memory["peak"] == max(memory["phases"].values()) > 0
@@ -298,13 +310,11 @@ def test_a_run_that_cannot_fit_says_so_and_names_the_fix(plans):
 def test_one_dry_run_measures_full_and_lora_settings_in_any_order():
     """The fix search measures several settings on one meta model: LoRA of two ranks and the full
     fine-tune, in any order, each with its own trainable parameters."""
-    import dataclasses
-
     config, *_ = parse_plan_args(["--preset", "tiny"])
     dry = DryRun(config)
     sizes = {}
     for use_lora, rank in ((True, 4), (False, 4), (True, 8)):
-        variant = dataclasses.replace(config, use_lora=use_lora, lora_rank=rank)
+        variant = TrainConfig.from_dict({"optim": {"use_lora": use_lora, "lora_rank": rank}}, config)
         sizes[use_lora, rank] = dry.trainable(variant, None, checkpointing=()).model
     base = sizes[False, 4].parameters
     assert sizes[False, 4].trainable == base
