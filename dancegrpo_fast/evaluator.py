@@ -170,7 +170,11 @@ class Evaluator:
         self.last_iteration = iteration
         if self.state.is_main:
             samples_dir = self.output_dir / "samples"
-            save_sample_grid(images, samples_dir / f"eval_iter_{iteration:06d}.png", max_samples=16, min_size=128)
+            first = self.rewards.names[0]
+            labels = [f"{prompt} | {first} {float(score):.2f}"
+                      for prompt, score in zip(details["prompts"], details["scores"][first])]
+            save_sample_grid(images, samples_dir / f"eval_iter_{iteration:06d}.png", max_samples=16, min_size=128,
+                             labels=labels)
             self._last = (images, details)
             if iteration == 0:
                 self._save_before(images, details, iteration, samples_dir / "eval_before.pt")

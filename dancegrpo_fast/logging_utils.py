@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -70,10 +71,11 @@ def upscale_nearest(images: torch.Tensor, min_size: int) -> torch.Tensor:
 
 
 def save_sample_grid(samples: torch.Tensor, path, max_samples: int = 16, columns: Optional[int] = None,
-                     min_size: int = 0) -> Path:
+                     min_size: int = 0, labels: Optional[Sequence[str]] = None) -> Path:
     """Write a PNG grid of images (B, 3, H, W) or video first frames (B, T, 3, H, W) in [0, 1].
     min_size: enlarge small images (nearest-neighbour, integer factor) to at least this many
-    pixels per side; 0 keeps them as they are."""
+    pixels per side; 0 keeps them as they are. labels: a caption under each image (e.g. its
+    prompt and score), wrapped to the image's width."""
     from PIL import Image
 
     if samples.dim() == 5:
@@ -86,11 +88,35 @@ def save_sample_grid(samples: torch.Tensor, path, max_samples: int = 16, columns
     for i in range(count):
         r, c = divmod(i, columns)
         grid[:, r * height:(r + 1) * height, c * width:(c + 1) * width] = samples[i]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    image = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    if labels is not None:
+        image = _with_captions(image, list(labels)[:count], columns, height, width)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    image.save(path)
     return path
+
+
+CAPTION_LINE = 11  # pixels per caption line (PIL's default bitmap font is 11 px tall)
+
+
+def _with_captions(grid, labels: Sequence[str], columns: int, height: int, width: int):
+    """The grid with a white band under each row holding each image's wrapped caption."""
+    from PIL import Image, ImageDraw
+
+    chars = max(8, width // 6)  # the default font is about 6 px per character
+    wrapped = [textwrap.wrap(label, chars)[:4] or [""] for label in labels]
+    band = max(len(lines) for lines in wrapped) * CAPTION_LINE + 4
+    rows = math.ceil(len(labels) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * (height + band)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        sheet.paste(grid.crop((0, r * height, columns * width, (r + 1) * height)), (0, r * (height + band)))
+    for i, lines in enumerate(wrapped):
+        r, c = divmod(i, columns)
+        for j, line in enumerate(lines):
+            draw.text((c * width + 2, r * (height + band) + height + 2 + j * CAPTION_LINE), line, fill="black")
+    return sheet
 
 
 def warn(message: str) -> None:

@@ -23,7 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
-from helpers.tiny_models import write_prompts  # noqa: E402
+from helpers.tiny_models import flux_train_values  # noqa: E402
 
 from dancegrpo_fast import checkpoint as checkpoint_module  # noqa: E402
 from dancegrpo_fast import output_lock  # noqa: E402
@@ -42,14 +42,7 @@ REWARDS = {"brightness": (brightness, 1.0)}
 
 
 def config_values(folder, tmp_path, **overrides):
-    Path(tmp_path).mkdir(parents=True, exist_ok=True)
-    values = dict(model_family="flux", model_path=str(folder), prompt_file=str(write_prompts(Path(tmp_path) / "p.txt")),
-                  output_dir=str(Path(tmp_path) / "out"), height=16, width=16, num_steps=4, group_size=2,
-                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
-                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=1, progress_bar=False,
-                  tensorboard=False, mixed_precision="no", seed=1)
-    values.update(overrides)
-    return values
+    return flux_train_values(folder, tmp_path, **overrides)
 
 
 def flux_config(folder, tmp_path, **overrides) -> TrainConfig:

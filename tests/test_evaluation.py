@@ -14,11 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixture)
+from helpers.fixtures import _single_thread, torch_backend  # noqa: E402,F401  (fixtures)
 from helpers.tiny_models import write_prompts  # noqa: E402
 
 import dancegrpo_fast.tiny.reward  # noqa: E402,F401  (registers tiny_geneval)
-from dancegrpo_fast import ops, reports  # noqa: E402
+from dancegrpo_fast import reports  # noqa: E402
 from dancegrpo_fast.config import RewardSpec, TrainConfig, apply_preset  # noqa: E402
 from dancegrpo_fast.distributed import DistributedState  # noqa: E402
 from dancegrpo_fast.evaluator import evaluate_policy  # noqa: E402
@@ -64,16 +64,8 @@ def _without_time(metrics):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_backend():
-    """The plain PyTorch step ops: this file tests evaluation, not the kernels (under
-    TRITON_INTERPRET=1 the interpreted kernels would make every sampling step ~100x slower)."""
-    previous = os.environ.get("DANCEGRPO_FAST_BACKEND")
-    os.environ["DANCEGRPO_FAST_BACKEND"] = "torch"
-    yield
-    if previous is None:
-        os.environ.pop("DANCEGRPO_FAST_BACKEND")
-    else:
-        os.environ["DANCEGRPO_FAST_BACKEND"] = previous
+def _torch_ops(torch_backend):
+    """This file tests the trainer's loop, not the kernels."""
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +201,13 @@ def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):
         assert _is_png(out / "samples" / name)
     from PIL import Image
 
-    assert Image.open(out / "samples" / "eval_iter_000000.png").size == (4 * 128, 2 * 128)  # 6 samples, 4x
+    # 6 samples, enlarged 4x, 4 per row, each with its prompt and score in a caption band below.
+    grid = Image.open(out / "samples" / "eval_iter_000000.png").convert("L")
+    width, height = grid.size
+    band = height // 2 - 128
+    assert width == 4 * 128 and band >= 11
+    caption = torch.tensor(list(grid.crop((0, 128, 128, 128 + band)).getdata()), dtype=torch.float32)
+    assert (caption == 255).float().mean() > 0.5 and (caption < 128).any()  # white band with dark text
     assert not (out / "samples" / "eval_iter_000001.png").exists()
     assert _is_png(out / "reward_curve.png") and _is_png(out / "before_after.png")
     before = torch.load(out / "samples" / "eval_before.pt", weights_only=True)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import unusable_rewards  # noqa: E402,F401  (registers the test rewards)
 from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
 from helpers.server_process import reward_server  # noqa: E402
-from helpers.tiny_models import write_prompts  # noqa: E402
+from helpers.tiny_models import flux_train_config  # noqa: E402
 
 from dancegrpo_fast.config import RewardSpec, TrainConfig  # noqa: E402
 from dancegrpo_fast.rewards import BinaryReward, build_reward  # noqa: E402
@@ -30,14 +30,7 @@ MARKED = "test_unusable_for_marked_prompts"
 def config_with(folder, tmp_path, rewards, prompts=("a broken cat", "a blue dog"), **overrides) -> TrainConfig:
     """Two prompts per iteration, G = 2: with the default prompts one of the two groups has a
     NaN reward in every iteration."""
-    Path(tmp_path).mkdir(parents=True, exist_ok=True)
-    values = dict(model_family="flux", model_path=str(folder), prompt_file=str(write_prompts(tmp_path / "p.txt", prompts)),
-                  output_dir=str(tmp_path / "out"), height=16, width=16, num_steps=4, group_size=2,
-                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
-                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=2, progress_bar=False,
-                  tensorboard=False, mixed_precision="no", seed=1, rewards=rewards)
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return flux_train_config(folder, tmp_path, list(prompts), **{"num_iterations": 2, "rewards": rewards, **overrides})
 
 
 def test_a_reward_returns_non_finite_scores_instead_of_raising():

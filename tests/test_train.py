@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
-from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
+from helpers.tiny_models import flux_train_config, write_prompts  # noqa: E402
 
 from dancegrpo_fast.checkpoint import CheckpointError, find_latest  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
@@ -39,14 +39,7 @@ REWARDS = {"brightness": (brightness, 1.0)}
 
 
 def flux_config(folder, tmp_path, **overrides) -> TrainConfig:
-    Path(tmp_path).mkdir(parents=True, exist_ok=True)
-    values = dict(model_family="flux", model_path=str(folder), prompt_file=str(write_prompts(tmp_path / "p.txt")),
-                  output_dir=str(tmp_path / "out"), height=16, width=16, num_steps=4, group_size=2,
-                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
-                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=1, progress_bar=False,
-                  tensorboard=False, mixed_precision="no", seed=1)
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
+    return flux_train_config(folder, tmp_path, **overrides)
 
 
 def _trainable_state(trainer):

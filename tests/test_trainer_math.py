@@ -13,7 +13,6 @@ kernels are tested against the same math in test_fused_ops.py).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,24 +20,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
-from helpers.tiny_models import write_prompts  # noqa: E402
+from helpers.fixtures import _single_thread, flux_folder, torch_backend  # noqa: E402,F401  (fixtures)
+from helpers.tiny_models import flux_train_config  # noqa: E402
 
-from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.grpo import compute_advantages  # noqa: E402
 from dancegrpo_fast.sde import gaussian_log_prob  # noqa: E402
 from dancegrpo_fast.train import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_backend():
-    previous = os.environ.get("DANCEGRPO_FAST_BACKEND")
-    os.environ["DANCEGRPO_FAST_BACKEND"] = "torch"
-    yield
-    if previous is None:
-        os.environ.pop("DANCEGRPO_FAST_BACKEND")
-    else:
-        os.environ["DANCEGRPO_FAST_BACKEND"] = previous
+def _torch_ops(torch_backend):
+    """This file tests the trainer's loop, not the kernels."""
 
 
 def brightness(images, prompts):
@@ -46,14 +38,8 @@ def brightness(images, prompts):
 
 
 def make_trainer(folder, tmp_path, **overrides) -> Trainer:
-    Path(tmp_path).mkdir(parents=True, exist_ok=True)
-    values = dict(model_family="flux", model_path=str(folder), prompt_file=str(write_prompts(tmp_path / "p.txt")),
-                  output_dir=str(tmp_path / "out"), height=16, width=16, num_steps=4, group_size=2,
-                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
-                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=1, progress_bar=False,
-                  tensorboard=False, mixed_precision="no", seed=1, clip_range=1e-4, adv_clip_max=5.0)
-    values.update(overrides)
-    return Trainer(TrainConfig.from_dict(values), rewards={"brightness": (brightness, 1.0)})
+    config = flux_train_config(folder, tmp_path, **{"clip_range": 1e-4, "adv_clip_max": 5.0, **overrides})
+    return Trainer(config, rewards={"brightness": (brightness, 1.0)})
 
 
 def reference_gradient(trainer, trajectory, advantages, steps, samples):

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import BLOCK, HALF_LOG_2PI, chunking, target_programs
+from . import BLOCK, chunking, target_programs
 
 NOISE_GIVEN = 0
 NOISE_SEEDED = 1

@@ -140,7 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.grid:
         images = sample(policy, prompts[:16], args.seed)
-        save_sample_grid(images, args.grid, max_samples=16, columns=4)
+        scores = TinyGenEvalReward()(images, prompts[:16])
+        save_sample_grid(images, args.grid, max_samples=16, columns=4, min_size=128,
+                         labels=[f"{p} | {float(s):.2f}" for p, s in zip(prompts[:16], scores)])
     return 0
 
 

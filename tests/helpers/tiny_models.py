@@ -268,3 +268,25 @@ def run_single_threaded():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def flux_train_values(folder, tmp_path, prompts=None, **overrides) -> dict:
+    """The flat settings of a tiny FLUX run (from make_flux's folder) small enough for a test:
+    2 prompts x 2 samples, 4 steps, every trainable step trained, 2 micro-batches of 2; prompts:
+    the prompt file's lines (write_prompts' default list when None)."""
+    Path(tmp_path).mkdir(parents=True, exist_ok=True)
+    prompt_file = write_prompts(Path(tmp_path) / "p.txt", *([prompts] if prompts is not None else []))
+    values = dict(model_family="flux", model_path=str(folder), prompt_file=str(prompt_file),
+                  output_dir=str(Path(tmp_path) / "out"), height=16, width=16, num_steps=4, group_size=2,
+                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
+                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-3, num_iterations=1, progress_bar=False,
+                  tensorboard=False, mixed_precision="no", seed=1)
+    values.update(overrides)
+    return values
+
+
+def flux_train_config(folder, tmp_path, prompts=None, **overrides):
+    """flux_train_values as a TrainConfig."""
+    from dancegrpo_fast.config import TrainConfig
+
+    return TrainConfig.from_dict(flux_train_values(folder, tmp_path, prompts, **overrides))
