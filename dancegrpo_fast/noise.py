@@ -173,8 +173,8 @@ def _as_device(device) -> torch.device:
         dev = torch.device(device)
     except (TypeError, RuntimeError) as exc:
         raise ValueError(f"device must be a torch.device or a string such as 'cpu' or 'cuda', got {device!r}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {dev}")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"device must be cpu, cuda or meta, got {dev}")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -270,7 +270,8 @@ def grouped_noise(seeds, group_size: int, shape: Sequence[int], dtype: torch.dty
         group_size: G >= 1, number of samples per prompt.
         shape: per-sample shape (tuple, list or torch.Size of non-negative ints, at most 2**31 elements).
         dtype: float32, float64, float16 or bfloat16; values are computed in float32 then cast.
-        device: "cpu", "cuda", "cuda:N" or a torch.device.
+        device: "cpu", "cuda", "cuda:N", "meta" or a torch.device. On "meta" the result has the
+            shape and dtype and no values (a dry run of a full-size model, dancegrpo_fast.plan).
         backend: "auto" (extension when usable, else PyTorch), "extension" (error if unusable) or
             "torch" (always the PyTorch fallback).
 
@@ -285,6 +286,8 @@ def grouped_noise(seeds, group_size: int, shape: Sequence[int], dtype: torch.dty
     dev = _as_device(device)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if dev.type == "meta":
+        return torch.empty((seeds_t.shape[0] * group_size,) + shape_t, dtype=dtype, device=dev)
 
     ext_ok = _C is not None and (dev.type == "cpu" or _C.has_cuda())
     if backend == "extension" and not ext_ok:

@@ -12,6 +12,7 @@ at any batch size and on any number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -30,9 +31,11 @@ BatchHook = Callable[[slice, Tensor], None]
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
-    """bf16 autocast on CUDA when asked; a no-op elsewhere."""
-    enabled = mixed_precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast on CUDA when asked; a null context elsewhere (torch.autocast refuses device
+    types it has no autocast for, even disabled: the meta device of dancegrpo_fast.plan's dry run)."""
+    if mixed_precision == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

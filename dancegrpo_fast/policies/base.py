@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, SamplerConfig
 from ..schedules import StepSchedule, flow_schedule
+from .meta_pipeline import build_meta_pipeline, holds_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +90,7 @@ class Policy(abc.ABC):
         self.device = torch.device(device)
         self.model_path = str(options.path)
         self.dtype = DTYPES[options.dtype]
-        check_model_folder(options.path, self.pipeline_classes, self.family)
+        self.model_index = check_model_folder(options.path, self.pipeline_classes, self.family)
         self.pipe = self._load_pipeline()
         self.model: nn.Module = getattr(self.pipe, self.model_component)
         self.forward_model: nn.Module = self.model
@@ -112,6 +113,8 @@ class Policy(abc.ABC):
                 if name.startswith("text_encoder") and isinstance(component, nn.Module)]
 
     def _text_encoders_to(self, device) -> None:
+        if self.device.type == "meta":  # a meta policy has no host memory: its encoders stay on meta
+            return
         for name in self.text_encoder_names:
             self.pipe.components[name].to(device)
 
@@ -122,6 +125,12 @@ class Policy(abc.ABC):
         return getattr(diffusers, self.pipeline_classes[0])
 
     def _load_pipeline(self):
+        if self.device.type == "meta":
+            return self._build_on_meta(self._pipeline_class())
+        if not holds_weights(self.model_path, self.model_index):
+            raise ModelLoadError(f"{self.model_path!r} holds configs but no weights (an architecture folder such as "
+                                 f"dancegrpo_fast/architectures/*): it can only be built on the meta device, e.g. "
+                                 f"by python -m dancegrpo_fast.plan; give a checkpoint folder with weights to train")
         try:
             with warnings.catch_warnings():
                 # diffusers >= 0.36 renames torch_dtype to dtype; the old name works everywhere.
@@ -129,6 +138,15 @@ class Policy(abc.ABC):
                 return self._pipeline_class().from_pretrained(self.model_path, torch_dtype=self.dtype)
         except Exception as error:  # surface which folder and family failed, keep the cause
             raise ModelLoadError(f"could not load the {self.family} pipeline from {self.model_path!r}: "
+                                 f"{type(error).__name__}: {error}") from error
+
+    def _build_on_meta(self, pipeline_class):
+        """Every component from its config on the meta device (policies/meta_pipeline.py): real
+        shapes and dtypes, no weights read, no memory used."""
+        try:
+            return build_meta_pipeline(pipeline_class, self.model_path, self.dtype, self.model_index)
+        except Exception as error:
+            raise ModelLoadError(f"could not build the {self.family} pipeline of {self.model_path!r} on the meta device: "
                                  f"{type(error).__name__}: {error}") from error
 
     def set_attention_backend(self, backend: str) -> None:
@@ -171,8 +189,10 @@ class Policy(abc.ABC):
             finally:
                 if self.offload_text_encoders:
                     self._text_encoders_to("cpu")
+            # Meta tensors hold no data to copy to the CPU: a meta policy caches them as they are.
+            cache_device = self.device if self.device.type == "meta" else torch.device("cpu")
             for i, prompt in enumerate(missing):
-                self._embedding_cache[prompt] = {k: v[i].detach().cpu() for k, v in encoded.items()}
+                self._embedding_cache[prompt] = {k: v[i].detach().to(cache_device) for k, v in encoded.items()}
         rows = []
         for prompt in prompts:
             self._embedding_cache.move_to_end(prompt)

@@ -36,6 +36,8 @@ class TinyPolicy(Policy):
                              f"(got {options.height}x{options.width})")
 
     def _load_pipeline(self):
+        if self.device.type == "meta":
+            return self._build_on_meta(TinyFlowPipeline)
         try:
             return TinyFlowPipeline.from_pretrained(self.model_path, torch_dtype=self.dtype)
         except Exception as error:
