@@ -424,12 +424,17 @@ def _shown(value) -> str:
     return repr(value) if value == "" else str(value)
 
 
+_METAVARS = {"int": "INT", "float": "FLOAT", "str": "STR", "bool": "BOOL", "List[str]": "A,B,...",
+             "List[RewardSpec]": "NAME:W,..."}
+
+
 def build_parser(shown: Optional[TrainConfig] = None, shown_from: str = "defaults",
                  add_help: bool = True) -> argparse.ArgumentParser:
     """The CLI: every field as --section.field and its flat name. `shown`: the config whose
     values --help prints (the defaults, or the preset / YAML the command names)."""
     parser = argparse.ArgumentParser(
         prog="python -m dancegrpo_fast.train", allow_abbrev=False, add_help=add_help,
+        usage="%(prog)s [--preset NAME] [--config FILE.yaml] [--FIELD VALUE | --SECTION.FIELD VALUE ...]",
         description="DanceGRPO training. Precedence: defaults < --preset < --config < flags. With no "
                     "--preset, --config, --model_family or --model_path: the built-in tiny task "
                     f"(--preset tiny), which trains on a CPU in minutes. Values shown: {shown_from}.")
@@ -443,7 +448,7 @@ def build_parser(shown: Optional[TrainConfig] = None, shown_from: str = "default
             flat = f.metadata.get("flat") or f.name
             # argparse.SUPPRESS: a flag not given does not override the preset / YAML value.
             group.add_argument(f"--{flat}", f"--{section}.{f.name}", dest=f"{section}.{f.name}",
-                               default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               default=argparse.SUPPRESS, metavar=_METAVARS.get(str(f.type), "VALUE"),
                                help=f"{f.metadata['help']} (value: {_shown(getattr(values, f.name))})")
     return parser
 

@@ -149,3 +149,14 @@ def test_a_resumed_run_gets_its_saved_settings_and_only_the_given_flags(tmp_path
     argv = ["--output_dir", str(tmp_path / "run"), "--resume", "latest", "--config", str(extra)]
     config, _ = resumed_config(saved, parse_config(argv), argv, "ckpt")
     assert config.optim.lr == 3e-4 and config.runtime.num_iterations == 50
+
+
+def test_the_configuration_reference_lists_every_field():
+    from dataclasses import fields
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    reference = text[text.index("## Configuration reference"):]
+    missing = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)
+               if f"`{section}.{f.name}`" not in reference]
+    assert not missing, f"docs/training.md's configuration reference lacks {missing}"
