@@ -50,7 +50,7 @@ def init_distributed(device: str = "auto") -> DistributedState:
     return DistributedState(rank, world_size, local_rank, dev)
 
 
-def _blocks(model: nn.Module):
+def sharded_blocks(model: nn.Module):
     """The repeated blocks of a diffusers transformer / UNet (the FSDP2 sharding units)."""
     for name in ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "up_blocks",
                  "token_refiner"):
@@ -80,7 +80,7 @@ def wrap_model(model: nn.Module, parallel: str, state: DistributedState, mixed_p
             # the base dtype, gradients reduce in float32.
             lowest = min(dtypes, key=lambda d: torch.finfo(d).bits)
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=lowest, reduce_dtype=torch.float32)
-        for block in _blocks(model):
+        for block in sharded_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         return model

@@ -35,8 +35,9 @@ from torch import nn
 
 from . import ops
 from .config import TrainConfig
-from .distributed import _blocks
+from .distributed import sharded_blocks
 from .meta_measure import StepMeter, gpu_like_checkpoint, gpu_like_meta
+from .model_setup import add_lora
 from .policies import Policy, build_policy
 from .policies.meta_pipeline import cast
 from .rollout import sampling_loop
@@ -108,15 +109,9 @@ def prepare_trainable(policy: Policy, config: TrainConfig) -> List[nn.Parameter]
             model.delete_adapters(["default"])  # measured with another rank or other targets before
             adapter = None
         if adapter is None:
-            from peft import LoraConfig
-
             model.requires_grad_(False)
             cast(model, policy.dtype)
-            model.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=list(o.lora_target_modules)))
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()  # LoRA weights train in float32
+            add_lora(model, o)
     else:
         if getattr(model, "peft_config", None):  # measured with LoRA before: back to the plain model
             model.delete_adapters(list(model.peft_config))
@@ -263,7 +258,7 @@ class DryRun:
 
     def block_parameters(self) -> List[int]:
         """Parameters of each unit distributed.wrap_model shards with FSDP2."""
-        return [sum(p.numel() for p in block.parameters()) for block in _blocks(self.policy.model)]
+        return [sum(p.numel() for p in block.parameters()) for block in sharded_blocks(self.policy.model)]
 
     def trainable(self, config: TrainConfig, param_dtype: Optional[torch.dtype] = None,
                   checkpointing=(True, False)) -> TrainableRun:

@@ -11,9 +11,20 @@ from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
 from torch.distributed.tensor import distribute_tensor
 
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .distributed import DistributedState, wrap_model
 from .policies.base import Policy
+
+
+def add_lora(model: nn.Module, optim: OptimConfig) -> None:
+    """A LoRA adapter (peft) of optim's rank, alpha and target modules, its weights in float32."""
+    from peft import LoraConfig  # only LoRA runs need peft (and its import time)
+
+    model.add_adapter(LoraConfig(r=optim.lora_rank, lora_alpha=optim.lora_alpha, init_lora_weights="gaussian",
+                                 target_modules=list(optim.lora_target_modules)))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA weights train in float32
 
 
 class EMA:
@@ -51,13 +62,7 @@ class TrainingSetup:
         self.max_grad_norm = o.max_grad_norm
         model = policy.model
         if o.use_lora:
-            from peft import LoraConfig  # only LoRA runs need peft (and its import time)
-
-            model.add_adapter(LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=list(o.lora_target_modules)))
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()  # LoRA weights train in float32
+            add_lora(model, o)
         else:
             if any(p.dtype != torch.float32 for p in model.parameters()):
                 model.to(torch.float32)  # float32 master weights; autocast gives bf16 compute on GPU
