@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -298,8 +299,10 @@ FIELDS = _field_table()
 
 def _lookup(key: str) -> Tuple[str, dataclasses.Field]:
     if key not in FIELDS:
-        raise ValueError(f"unknown config key {key!r}; known keys: the sections {sorted(SECTIONS)} with their fields "
-                         f"(python -m dancegrpo_fast.train --help lists them)")
+        close = difflib.get_close_matches(key, list(FIELDS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown config key {key!r}; {hint}known keys: the sections {sorted(SECTIONS)} with their "
+                         f"fields (python -m dancegrpo_fast.train --help lists them)")
     return FIELDS[key]
 
 
@@ -307,6 +310,8 @@ def _flatten(values: Dict[str, Any]):
     """(key, value) pairs: a section given as a mapping becomes "section.field" keys. "sampler"
     is both a section and the flat name of the sampler's name: a mapping is the section."""
     for key, value in values.items():
+        if key in SECTIONS and key != "sampler" and not isinstance(value, dict):
+            raise ValueError(f"config section {key!r} must be a mapping of field: value, got {value!r}")
         if key in SECTIONS and isinstance(value, dict):
             for sub, sub_value in value.items():
                 yield f"{key}.{sub}", sub_value
@@ -335,8 +340,14 @@ def parse_rewards(value) -> List[RewardSpec]:
             unknown = sorted(set(item) - {"name", "weight", "kwargs", "type"})
             if "name" not in item or unknown:
                 raise ValueError(f"rewards: each entry needs a name and may have weight, kwargs and type; got {item!r}")
-            specs.append(RewardSpec(item["name"], float(item.get("weight", 1.0)), dict(item.get("kwargs") or {}),
-                                    str(item.get("type") or "")))
+            try:
+                weight = float(item.get("weight", 1.0))
+            except (TypeError, ValueError):
+                raise ValueError(f"rewards: the weight of {item['name']!r} must be a number, "
+                                 f"got {item.get('weight')!r}") from None
+            if not isinstance(item.get("kwargs") or {}, dict):
+                raise ValueError(f"rewards: the kwargs of {item['name']!r} must be a mapping, got {item['kwargs']!r}")
+            specs.append(RewardSpec(item["name"], weight, dict(item.get("kwargs") or {}), str(item.get("type") or "")))
         else:
             raise ValueError(f"a reward must be 'name:weight' or {{name, weight, kwargs, type}}, got {item!r}")
     return specs

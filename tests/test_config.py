@@ -100,6 +100,16 @@ def test_help_lists_both_flag_forms_and_the_values_that_apply(capsys):
 def test_errors_name_the_setting():
     with pytest.raises(ValueError, match="unknown config key 'learning_rate'"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="unknown config key 'lrr'; did you mean 'lr'"):
+        TrainConfig.from_dict({"lrr": 1.0})
+    with pytest.raises(ValueError, match="config section 'optim' must be a mapping of field: value, got 5"):
+        TrainConfig.from_dict({"optim": 5})
+    with pytest.raises(ValueError, match="rewards: the weight of 'hps' must be a number, got 'lots'"):
+        TrainConfig.from_dict({"rewards": [{"name": "hps", "weight": "lots"}]})
+    with pytest.raises(ValueError, match="rewards: the kwargs of 'hps' must be a mapping"):
+        TrainConfig.from_dict({"rewards": [{"name": "hps", "kwargs": ["a"]}]})
+    with pytest.raises(ValueError, match="rewards: each entry needs a name"):
+        TrainConfig.from_dict({"rewards": [{"weight": 1.0}]})
     with pytest.raises(ValueError, match="unknown config key 'optim.nope'"):
         TrainConfig.from_dict({"optim": {"nope": 1}})
     with pytest.raises(ValueError, match="config field 'group_size' expects int"):

@@ -12,19 +12,12 @@ import json
 
 import pytest
 
-from helpers.fixtures import _single_thread  # noqa: F401  (fixture: one torch thread)
+from helpers.fixtures import _single_thread, torch_backend  # noqa: F401  (fixtures: one torch thread, torch ops)
 from dancegrpo_fast.config import parse_config
 from dancegrpo_fast.tiny.evaluate import prompt_file
 from dancegrpo_fast.train import Trainer
 
 ITERATIONS = 80
-
-
-@pytest.fixture()
-def torch_backend(monkeypatch):
-    # The fused loss's Triton kernels are tested elsewhere; under TRITON_INTERPRET=1 they would
-    # make this run ten times slower without testing anything new.
-    monkeypatch.setenv("DANCEGRPO_FAST_BACKEND", "torch")
 
 
 @pytest.mark.usefixtures("torch_backend")

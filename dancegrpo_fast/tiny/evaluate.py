@@ -24,6 +24,7 @@ import torch
 
 from ..config import ModelConfig, SamplerConfig, apply_preset
 from ..logging_utils import save_sample_grid
+from ..prompts import load_prompts
 from ..rollout import sample_fixed
 from . import WEIGHTS_DIR
 from .model import TinyFlowPipeline
@@ -42,7 +43,7 @@ def prompt_file(split: str) -> Path:
 
 
 def load_split_prompts(split: str) -> List[str]:
-    return [line.strip() for line in prompt_file(split).read_text().splitlines() if line.strip()]
+    return load_prompts(prompt_file(split), "split")
 
 
 def sampler_config(num_steps: int = 8, eta: float = 0.5, shift: float = 3.0, sampler: str = "dance",
