@@ -26,6 +26,27 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "tiny")
 SAMPLERS = ("dance", "flow_grpo", "ddim")
+# diffusers' AttentionBackendName values (0.42), so that a config validates without importing
+# diffusers; a name only a newer diffusers knows is looked up there (attention_backends()).
+ATTENTION_BACKENDS = (
+    "flash", "flash_hub", "flash_varlen", "flash_varlen_hub", "flash_4_hub", "_flash_3", "_flash_varlen_3",
+    "_flash_3_hub", "_flash_3_varlen_hub", "aiter_fa2_hub", "flex", "native", "_native_cudnn", "_native_efficient",
+    "_native_flash", "_native_math", "_native_npu", "_native_xla", "sage", "sage_hub", "sage_blackwell_hub",
+    "sage_varlen", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda",
+    "_sage_qk_int8_pv_fp16_triton", "xformers")
+
+
+def attention_backends(name: str = "") -> Tuple[str, ...]:
+    """The accepted attention_backend values: auto and diffusers' backend names. Imports
+    diffusers' dispatcher only for a name outside the built-in list."""
+    names = ("auto",) + ATTENTION_BACKENDS
+    if name and name not in names:
+        try:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+        except ImportError:
+            return names
+        names += tuple(b.value for b in AttentionBackendName if b.value not in names)
+    return names
 
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
@@ -56,7 +77,7 @@ class ModelConfig:
     path: str = _f("", "local diffusers-layout folder (model_index.json, transformer/unet, vae, text encoders, tokenizers, scheduler); for tiny, empty = the shipped weights", flat="model_path")
     dtype: str = _f("float32", "dtype of the frozen parts (VAE, text encoders, and the base weights under LoRA): float32, bfloat16 or float16", flat="model_dtype")
     mixed_precision: str = _f("bf16", "bf16: bfloat16 autocast on CUDA (ignored on CPU); no: full precision")
-    attention_backend: str = _f("native", "diffusers attention backend: native (PyTorch SDPA), flash (flash-attn), xformers, ...")
+    attention_backend: str = _f("auto", "attention backend of every attention layer of the model: auto (FlashAttention when installed on CUDA, FA3 on Hopper; else PyTorch SDPA), native (PyTorch SDPA), flash (flash-attn 2), _flash_3 (FA3), xformers, or another diffusers AttentionBackendName")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     offload_text_encoders: bool = _f(False, "keep the text encoders on the CPU and move them to the GPU only to encode prompts not yet cached (saves e.g. HunyuanVideo's 16 GB Llama per GPU)")
     max_sequence_length: int = _f(256, "text encoder sequence length (T5/UMT5/Llama)")
@@ -220,6 +241,10 @@ class TrainConfig:
         need(rt.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {rt.parallel!r}")
         need(m.mixed_precision in ("bf16", "no"), f"mixed_precision must be 'bf16' or 'no', got {m.mixed_precision!r}")
         need(m.dtype in ("float32", "bfloat16", "float16"), f"model_dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+        backends = attention_backends(m.attention_backend)
+        need(m.attention_backend in backends,
+             f"attention_backend must be auto or one of diffusers' attention backends ({', '.join(backends[1:])}), "
+             f"got {m.attention_backend!r}")
         need(o.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
              f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {o.lr_scheduler!r}")
         need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")

@@ -147,18 +147,31 @@ def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
 def test_native_attention_on_cuda_turns_cudnn_sdpa_off():
     """cuDNN's SDPA backward failed on a full-size FLUX step (H200, torch 2.11): a CUDA policy
     with the native backend must leave SDPA to flash / memory-efficient attention; a CPU policy
-    leaves the process's flags alone. Needs no GPU: the flags are plain settings."""
+    leaves the process's flags alone. Needs no GPU: the flags are plain settings (the tiny model
+    stays on the CPU; only the policy's device says CUDA)."""
     from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     from dancegrpo_fast.policies.base import Policy
 
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=0, attention_head_dim=8,
+                                   num_attention_heads=1, joint_attention_dim=8, pooled_projection_dim=8,
+                                   axes_dims_rope=(2, 2, 4))
     before = torch.backends.cuda.cudnn_sdp_enabled()
+    active = _AttentionBackendRegistry._active_backend
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
-        Policy.set_attention_backend(SimpleNamespace(device=torch.device("cpu"), model=None), "native")
+        cpu = SimpleNamespace(device=torch.device("cpu"), model=model, masked_attention=False, model_component="transformer")
+        Policy.set_attention_backend(cpu, "native")
         assert torch.backends.cuda.cudnn_sdp_enabled()
-        Policy.set_attention_backend(SimpleNamespace(device=torch.device("cuda", 0), model=None), "native")
+        cuda = SimpleNamespace(device=torch.device("cuda", 0), model=model, masked_attention=False,
+                               model_component="transformer")
+        Policy.set_attention_backend(cuda, "native")
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert str(cuda.attention) == "native (1/1 layers)"
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+        _AttentionBackendRegistry.set_active_backend(active)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, SamplerConfig
 from ..schedules import StepSchedule, flow_schedule
+from .attention import AttentionReport, resolve_backend, set_backend
 from .meta_pipeline import build_meta_pipeline, holds_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +74,7 @@ class Policy(abc.ABC):
 
     Attributes after construction: `pipe` (the diffusers pipeline), `model` (the trainable
     nn.Module, `pipe.<model_component>`), `forward_model` (what predict calls: `model` or its
-    DDP wrapper), `device`.
+    DDP wrapper), `device`, `attention` (the attention backend its layers run on).
     """
 
     family: str = ""
@@ -83,6 +84,9 @@ class Policy(abc.ABC):
     timestep_scale: float = 1000.0
     lora_layers_argument: str = "transformer_lora_layers"
     supports_guidance_embedding = False
+    # The model passes attention masks (padded text): `auto` then picks a varlen flash backend.
+    masked_attention = False
+    attention: AttentionReport
 
     def __init__(self, options: ModelConfig, sampling: SamplerConfig, device: torch.device | str = "cpu"):
         self.options = options
@@ -150,16 +154,14 @@ class Policy(abc.ABC):
                                  f"{type(error).__name__}: {error}") from error
 
     def set_attention_backend(self, backend: str) -> None:
-        if backend in ("native", "sdpa", "", None):
-            if self.device.type == "cuda":
-                avoid_cudnn_attention()
-            return
-        try:
-            self.model.set_attention_backend(backend)
-        except Exception as error:
-            raise RuntimeError(f"attention_backend {backend!r} is not usable here: {error}. Use "
-                               f"attention_backend=native (PyTorch SDPA), or install the package it names "
-                               f"(flash-attn for 'flash', xformers for 'xformers')") from error
+        """Every attention layer of the trainable model on one diffusers attention backend
+        (`auto`: resolved for this device, policies/attention.py); fails with one line when the
+        backend cannot run here or some layer did not take it. `self.attention` then says which
+        backend and how many layers."""
+        resolved = resolve_backend(backend or "native", self.device, self.masked_attention)
+        if resolved == "native" and self.device.type == "cuda":
+            avoid_cudnn_attention()
+        self.attention = set_backend(self.model, resolved, what=self.model_component)
 
     # --- sampler -------------------------------------------------------------------------------
     def schedule(self) -> StepSchedule:

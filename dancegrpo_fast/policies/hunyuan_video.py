@@ -15,6 +15,7 @@ class HunyuanVideoPolicy(Policy):
     pipeline_classes = ("HunyuanVideoPipeline",)
     modality = "video"
     timestep_scale = 1000.0
+    masked_attention = True  # its text tokens are padded: key-padding masks in every block
 
     def __init__(self, options, sampling, device="cpu"):
         super().__init__(options, sampling, device)
