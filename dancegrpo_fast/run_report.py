@@ -16,8 +16,9 @@ from .noise import extension_status
 
 
 def start_block(config: TrainConfig, device, world_size: int, first_iteration: int, reward_names: Sequence[str],
-                backend: str) -> str:
-    """Lines printed once when training starts (rank 0)."""
+                backend: str, attention: str = "") -> str:
+    """Lines printed once when training starts (rank 0). attention: the attention backend of the
+    model's layers, e.g. "native (8/8 layers)" (the policy's `attention`)."""
     m, rt = config.model, config.runtime
     model = m.path or "its shipped weights"
     extension = extension_status()
@@ -29,6 +30,10 @@ def start_block(config: TrainConfig, device, world_size: int, first_iteration: i
         f"  rewards     {', '.join(reward_names)}",
         f"  device      {device} x {world_size} process(es); fused ops: {backend}; extension: "
         f"{'built' + (' with CUDA' if extension['cuda'] else '') if extension['built'] else 'not built (PyTorch fallback)'}",
+    ]
+    if attention:
+        lines.append(f"  attention   {attention} (attention_backend={m.attention_backend})")
+    lines += [
         f"  iterations  {rt.num_iterations} ({start}); {samples} samples each "
         f"({prompts} prompts x {config.grpo.group_size}), {config.sampler.num_steps} steps",
         f"  output      {rt.output_dir}",

@@ -247,7 +247,7 @@ class Trainer:
         started = time.perf_counter()
         if self.state.is_main:
             print(start_block(c, self.device, self.state.world_size, self.iteration, self.rewards.describe(),
-                              ops.resolve_backend(self.device)), flush=True)
+                              ops.resolve_backend(self.device), str(getattr(self.policy, "attention", ""))), flush=True)
         bar = progress_bar(rt.num_iterations, self.iteration) if rt.progress_bar and self.state.is_main else None
         last_saved = first_iteration = self.iteration
         last_checkpoint = None

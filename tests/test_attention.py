@@ -284,3 +284,27 @@ def test_bad_backend_is_a_one_line_config_error(bad):
     assert repr(bad) in message and "_native_math" in message
     for good in ("auto", "native", "flash", "_flash_3", "xformers"):
         TrainConfig.from_dict({"model_family": "tiny", "attention_backend": good}).validate()
+
+
+# --- what the user is told ------------------------------------------------------------------
+def test_info_says_each_published_model_s_backend_and_layers():
+    """python -m dancegrpo_fast.info: auto on this CPU machine is PyTorch SDPA on every attention
+    layer of each published architecture (built on meta; layer counts from the architectures'
+    configs: FLUX.1-dev 19 double + 38 single blocks, SD3.5 medium 24 joint + 13 dual-attention
+    blocks, SD 1.4's 16 transformers x 2, HunyuanVideo 2 refiner + 20 double + 40 single blocks,
+    Wan 14B 40 blocks x 2)."""
+    from dancegrpo_fast.info import attention_info
+
+    found = attention_info(torch.device("cpu"))
+    expected = {"flux": 57, "sd3": 37, "sd": 32, "hunyuan_video": 62, "wan": 80}
+    assert {f: (e["backend"], e["using"], e["layers"]) for f, e in found.items()} == \
+        {f: ("native", n, n) for f, n in expected.items()}
+
+
+def test_start_block_names_the_attention_backend():
+    from dancegrpo_fast.run_report import start_block
+
+    config = TrainConfig.from_dict({"model_family": "sd", "sampler": "ddim", "attention_backend": "auto"})
+    text = start_block(config, "cpu", 1, 0, ["hps"], "torch", "native (8/8 layers)")
+    assert "  attention   native (8/8 layers) (attention_backend=auto)" in text.splitlines()
+    assert "attention" not in start_block(config, "cpu", 1, 0, ["hps"], "torch")

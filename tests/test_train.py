@@ -345,6 +345,7 @@ def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "DanceGRPO: tiny model from its shipped weights" in printed
     assert f"output      {tmp_path / 'out'}" in printed
+    assert "  attention   native (" in printed and "layers) (attention_backend=auto)" in printed
     before, after = rows[0]["eval/tiny_geneval/mean"], row["eval/tiny_geneval/mean"]
     assert f"held-out tiny_geneval    {before:.3f} -> {after:.3f}" in printed, printed
     assert "    clean " in printed and "fully_correct" in printed
