@@ -164,11 +164,11 @@ def family_folder(request, tmp_path_factory):
     return family, BUILDERS[family](tmp_path_factory.mktemp(family) / "model")
 
 
-def _policy(family, folder, backend):
+def _policy(family, folder, backend, device="cpu"):
     video = family in ("hunyuan_video", "wan")
     options = ModelConfig(family=family, path=str(folder), attention_backend=backend, height=16, width=16,
                           num_frames=5 if video else 1, max_sequence_length=16, mixed_precision="no")
-    return build_policy(options, SamplerConfig(name="ddim" if family == "sd" else "dance"))
+    return build_policy(options, SamplerConfig(name="ddim" if family == "sd" else "dance"), device)
 
 
 def _output_and_grads(policy, module, latents, timesteps, cond):
@@ -308,3 +308,27 @@ def test_start_block_names_the_attention_backend():
     text = start_block(config, "cpu", 1, 0, ["hps"], "torch", "native (8/8 layers)")
     assert "  attention   native (8/8 layers) (attention_backend=auto)" in text.splitlines()
     assert "attention" not in start_block(config, "cpu", 1, 0, ["hps"], "torch")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["flux", "sd"])
+def test_auto_on_cuda_matches_sdpa_under_bf16_autocast(family, tmp_path):
+    """On a GPU: `auto` (flash-attn / FA3 when installed) under the trainer's bf16 autocast gives
+    the output and gradients of PyTorch SDPA within bf16 tolerance. Skipped on CPU machines."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    folder = BUILDERS[family](tmp_path / "model")
+    policy = _policy(family, folder, "auto", device="cuda")
+    reference = type(policy.model).from_pretrained(str(Path(folder) / policy.model_component)).to("cuda").eval()
+    assert policy.attention.using == policy.attention.total
+    print(f"{family}: auto -> {policy.attention}")
+    cond = policy.encode(["a red cat", "a blue dog"])
+    latents = torch.randn(2, *policy.latent_shape(), device="cuda")
+    timesteps = (torch.tensor([751.0, 251.0]) if family == "sd" else torch.tensor([0.9, 0.4]) * policy.timestep_scale).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, grads = _output_and_grads(policy, policy.model, latents, timesteps, cond)
+        with attention_backend("native"):
+            out_ref, grads_ref = _output_and_grads(policy, reference, latents, timesteps, cond)
+    torch.testing.assert_close(out.float(), out_ref.float(), rtol=5e-2, atol=5e-2)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.float(), grads_ref[name].float(), rtol=1e-1, atol=5e-2, msg=name)
