@@ -50,10 +50,10 @@ cat "$out/info.json" | tee -a "$out/gpu_check.log"
 so=$(ls dancegrpo_fast/_C*.so 2>/dev/null | head -1)
 [ -n "$so" ] && log "extension: $so; $(cuobjdump --list-elf "$so" 2>&1 | tr '\n' ' ')"
 
-log "2. tests on CUDA (compiled Triton, CUDA extension, Triton compile check)"
+log "2. tests on CUDA (compiled Triton, CUDA extension, Triton compile check, attention auto vs SDPA under bf16)"
 # No TRITON_INTERPRET here: the kernels compile for the GPU. The CPU-only tests run too.
 timeout 200 "$py" -m pytest -q -ra -p no:cacheprovider tests/test_fused_ops_cuda.py tests/test_grouped_noise.py \
-    tests/test_sde.py tests/test_grpo.py tests/test_kernels_compile.py 2>&1 | tee "$out/tests.log" | tail -15
+    tests/test_sde.py tests/test_grpo.py tests/test_kernels_compile.py tests/test_attention.py 2>&1 | tee "$out/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "TESTS FAILED"; status=1; }
 # The compile check's table (registers, spills, shared memory, load widths) on this Triton.
 timeout 120 "$py" -m pytest -q -s -p no:cacheprovider tests/test_kernels_compile.py >>"$out/tests.log" 2>&1 || true
