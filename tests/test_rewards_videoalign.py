@@ -304,9 +304,11 @@ def test_through_the_reward_server(reward):
             assert torch.allclose(parts[name], local[name], atol=1e-5), name
         vq = RemoteReward(server.url, modality="video", dtype="float32", criterion="VQ", retries=0)
         mq = RemoteReward(server.url, modality="video", dtype="float32", criterion="MQ", retries=0)
+        other = videos(seed=5)
+        expected = reward.criteria(other, PROMPTS)
         before = server.stats["requests"]
-        assert torch.allclose(vq(batch, PROMPTS), local["VQ"], atol=1e-5)
-        assert torch.allclose(mq(batch, PROMPTS), local["MQ"], atol=1e-5)
+        assert torch.allclose(vq(other, PROMPTS), expected["VQ"], atol=1e-5)
+        assert torch.allclose(mq(other, PROMPTS), expected["MQ"], atol=1e-5)
         assert server.stats["requests"] == before + 1  # the MQ entry reused the VQ entry's answer
         missing = RemoteReward(server.url, modality="video", dtype="float32", criterion="XQ", retries=0)
         with pytest.raises(Exception, match="has no criterion 'XQ'"):
