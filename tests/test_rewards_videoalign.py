@@ -292,11 +292,17 @@ def test_criteria_are_weighted_as_rewards_and_share_one_forward(reward, folders,
 
 
 def test_through_the_reward_server(reward):
+    from dancegrpo_fast.rewards.serve import _parse_args
+
+    assert _parse_args(["--reward", "videoalign", "--criteria"]).criteria is True
+    assert _parse_args(["--reward", "videoalign"]).criteria is False
     batch = videos(seed=4)
     local = reward.criteria(batch, PROMPTS)
     with RewardServer(reward, max_wait_ms=0, criteria=True) as server:
         assert RemoteReward(server.url).health()["limits"]["criteria"] is True
-        remote = RemoteReward(server.url, modality="video", dtype="float32", retries=0)
+        plain = RemoteReward(server.url, modality="video", dtype="float32", retries=0)
+        assert getattr(plain, "criteria", None) is None  # nothing for RewardSet to log unless asked
+        remote = RemoteReward(server.url, modality="video", dtype="float32", retries=0, criteria=True)
         assert torch.allclose(remote(batch, PROMPTS), local["Overall"], atol=1e-5)
         parts = remote.criteria(batch, PROMPTS)
         assert list(parts) == ["VQ", "MQ", "TA", "Overall"]

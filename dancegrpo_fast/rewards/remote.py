@@ -234,12 +234,14 @@ class RemoteReward(Reward):
     environment variable; none when unset). A score the server could not compute comes back as
     NaN. criterion: return that criterion of the served reward instead of its score (the server
     must run with --criteria; e.g. "VQ" of videoalign); entries reading different criteria of one
-    server share one request per batch.
+    server share one request per batch. criteria: also log every criterion of the served reward
+    (implied by criterion).
     """
 
     def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 2, backoff_s: float = 1.0,
                  dtype: str = "uint8", modality: str = "image", batch_size: Optional[int] = None,
-                 name: str = "remote", token: Optional[str] = None, criterion: Optional[str] = None):
+                 name: str = "remote", token: Optional[str] = None, criterion: Optional[str] = None,
+                 criteria: bool = False):
         super().__init__(device="cpu", batch_size=batch_size)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
@@ -264,6 +266,12 @@ class RemoteReward(Reward):
         if criterion is not None and (not isinstance(criterion, str) or not criterion):
             raise ValueError(f"criterion must be a criterion name of the served reward or None, got {criterion!r}")
         self.criterion = criterion
+        # The served reward's criteria, logged like an in-process reward's (RewardSet looks for a
+        # `criteria` method): only when asked for or when reading one, since a server without
+        # --criteria has none.
+        self._shared_answers = criterion is not None or bool(criteria)
+        if self._shared_answers:
+            self.criteria = self.fetch_criteria
         self._token = token
         # The jitter comes from the OS, not from the `random` module: the trainer seeds that one
         # identically on every rank, which would make every rank retry in lockstep again.
@@ -344,7 +352,7 @@ class RemoteReward(Reward):
         return criteria
 
     def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        answer = self._answer(images, prompts, shared=self.criterion is not None)
+        answer = self._answer(images, prompts, shared=self._shared_answers)
         if self.criterion is None:
             return self._scores(answer.get("scores") if isinstance(answer, dict) else None, answer,
                                 images.shape[0], "scores")
@@ -354,9 +362,10 @@ class RemoteReward(Reward):
                                     f"{sorted(criteria)}")
         return self._scores(criteria[self.criterion], answer, images.shape[0], f"{self.criterion} scores")
 
-    def criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def fetch_criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """{criterion: (B,) float32 CPU} from a server started with --criteria (one request per
-        batch_size chunk, shared with this batch's call)."""
+        batch_size chunk, shared with this batch's call). Also this reward's `criteria` method
+        when it was built with criterion= or criteria=True."""
         validate_inputs(images, prompts, self.modality)
         prompts = list(prompts)
         chunk = self.batch_size or max(images.shape[0], 1)
