@@ -49,18 +49,20 @@ def videos(batch=2, frames=8, seed=0):
 def test_loads_the_published_layout_and_returns_the_three_criteria(reward, folders):
     assert "videoalign" in available_rewards() and reward.modality == "video"
     assert reward.layout.checkpoint_dir.endswith("checkpoint-12")
-    parts = reward.criteria(videos(), PROMPTS)
+    batch = videos()
+    parts = reward.criteria(batch, PROMPTS)
     assert list(parts) == ["VQ", "MQ", "TA", "Overall"]
     for value in parts.values():
         assert value.shape == (2,) and value.dtype == torch.float32 and bool(torch.isfinite(value).all())
     assert torch.allclose(parts["Overall"], parts["VQ"] + parts["MQ"] + parts["TA"], atol=1e-6)
-    assert torch.equal(reward(videos(), PROMPTS), parts["Overall"])
+    assert torch.equal(reward(batch, PROMPTS), parts["Overall"])
     # the two prompts see different token sequences and videos: different scores
     assert not torch.equal(parts["TA"][0], parts["TA"][1])
     mq = build_reward("videoalign", checkpoint_path=folders["one"]["root"], base_model_path=folders["one"]["base"],
                       criterion="MQ", **FAST)
     assert mq._shared is reward._shared  # one model in memory for both
-    assert torch.equal(mq(videos(), PROMPTS), parts["MQ"])
+    assert torch.equal(mq(batch, PROMPTS), parts["MQ"])  # the same batch: the shared pass is reused
+    assert torch.equal(mq(batch.clone(), PROMPTS), parts["MQ"])  # a new tensor: scored again, the same
 
 
 def test_deterministic_and_a_batch_scores_as_its_samples_one_by_one(reward):
@@ -110,7 +112,10 @@ def test_known_answer_read_out_against_a_peft_reference(folders, which, output_d
     reward = build_reward("videoalign", checkpoint_path=folder["root"], base_model_path=folder["base"], **FAST)
     batch = videos(2, seed=2)
     got = reward.criteria(batch, PROMPTS)
-    raw = reward.raw_scores(batch, PROMPTS)
+    plain = build_reward("videoalign", checkpoint_path=folder["root"], base_model_path=folder["base"],
+                         normalize=False, **FAST)  # the raw head outputs
+    raw = plain.criteria(batch, PROMPTS)
+    raw = torch.stack([raw[name] for name in ("VQ", "MQ", "TA")], dim=1)
 
     model, head = _peft_reference(folder, output_dim)
     inputs = reward.prepare(batch, PROMPTS)
@@ -135,10 +140,6 @@ def test_known_answer_read_out_against_a_peft_reference(folders, which, output_d
         assert torch.allclose(got[name].double(), normalised, atol=1e-4, rtol=1e-4), name
     overall = sum((expected[n] - STATS[f"{n}_mean"]) / STATS[f"{n}_std"] for n in ("VQ", "MQ", "TA"))
     assert torch.allclose(got["Overall"].double(), overall, atol=3e-4, rtol=1e-4)
-    # without normalisation the raw head outputs come back
-    plain = build_reward("videoalign", checkpoint_path=folder["root"], base_model_path=folder["base"],
-                         normalize=False, **FAST)
-    assert torch.allclose(plain.criteria(batch, PROMPTS)["TA"].double(), expected["TA"], atol=1e-4, rtol=1e-4)
 
 
 def test_preprocessing_matches_the_published_rules_and_transformers_processor():
@@ -323,3 +324,13 @@ def test_through_the_reward_server(reward):
         remote = RemoteReward(server.url, modality="video", dtype="float32", criterion="VQ", retries=0)
         with pytest.raises(Exception, match="start it with --criteria"):
             remote(batch, PROMPTS)
+
+
+def test_bfloat16_scores_close_to_float32(reward, folders):
+    half = build_reward("videoalign", checkpoint_path=folders["one"]["root"], base_model_path=folders["one"]["base"],
+                        dtype="bfloat16", **FAST)
+    assert half._shared is not reward._shared and half._shared.model.rm_head.weight.dtype == torch.float32
+    batch = videos(seed=6)
+    full, low = reward.criteria(batch, PROMPTS), half.criteria(batch, PROMPTS)
+    for name in full:
+        assert torch.allclose(low[name], full[name], atol=0.25, rtol=0.05), name

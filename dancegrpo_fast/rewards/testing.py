@@ -10,6 +10,7 @@ models mean nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Dict, Iterable, Optional, Tuple
@@ -201,7 +202,8 @@ QWEN2_VL_CHAT_TEMPLATE = (
 QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                         "<|image_pad|>", "<|video_pad|>")
 VIDEOALIGN_REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
-def _train_byte_merges(text: str, count: int) -> list:
+@functools.lru_cache(maxsize=4)
+def _train_byte_merges(text: str, count: int) -> tuple:
     """`count` byte-level BPE merges learnt greedily from `text` (GPT-2-style words with their
     leading space), so a tiny tokenizer cuts a long prompt into few tokens."""
     import re
@@ -232,7 +234,7 @@ def _train_byte_merges(text: str, count: int) -> list:
                     i += 1
             merged[tuple(out)] += n
         words = merged
-    return merges
+    return tuple(merges)
 
 
 def write_tiny_qwen2_tokenizer(path: str, reward_tokens: bool = True, merges_from: str = "", merges: int = 0):
@@ -243,7 +245,7 @@ def write_tiny_qwen2_tokenizer(path: str, reward_tokens: bool = True, merges_fro
 
     os.makedirs(path, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
-    merges = _train_byte_merges(merges_from, merges) if merges else []
+    merges = list(_train_byte_merges(merges_from, merges)) if merges else []
     tokens = chars + ["".join(pair) for pair in merges]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",

@@ -297,12 +297,13 @@ _OLD_PREFIXES = (("visual.", "visual."), ("model.", "language_model."))
 _NEW_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model."))
 
 
-def convert_checkpoint(state: Mapping[str, torch.Tensor], lora_scaling: float,
-                       source: str = "model.pth") -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+def convert_checkpoint(state: Mapping[str, torch.Tensor], lora_scaling: float, source: str = "model.pth",
+                       merged_dtype: Optional[torch.dtype] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """model.pth's state dict -> (Qwen2VLModel state dict, rm_head weight).
 
     Removes PEFT's `base_model.model.` prefix, merges each LoRA pair into its layer
-    (W + lora_scaling * B @ A, in float32; bias kept), keeps PEFT `modules_to_save` copies over the
+    (W + lora_scaling * B @ A, computed in float32 and stored as `merged_dtype`, by default the
+    weight's own dtype; bias kept), keeps PEFT `modules_to_save` copies over the
     originals, drops lm_head (scoring never uses it), and maps both transformers layouts (< 4.52:
     visual.*, model.*; >= 4.52: model.visual.*, model.language_model.*) to Qwen2VLModel's keys.
     """
@@ -331,7 +332,7 @@ def convert_checkpoint(state: Mapping[str, torch.Tensor], lora_scaling: float,
                 if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(value.shape):
                     raise ValueError(f"VideoAlign {source}: LoRA of {module} has shapes A {tuple(a.shape)}, B "
                                      f"{tuple(b.shape)} for a weight of {tuple(value.shape)}")
-                value = (value.float() + lora_scaling * (b @ a)).to(value.dtype)
+                value = (value.float() + lora_scaling * (b @ a)).to(merged_dtype or value.dtype)
         merged[key] = value
     rm_head = merged.pop("rm_head.weight", None)
     if rm_head is None:
@@ -369,7 +370,8 @@ def read_reward_tokens(head_outputs: torch.Tensor, input_ids: torch.Tensor, toke
 
 
 class VideoAlignModel(nn.Module):
-    """Qwen2-VL (transformers' Qwen2VLModel: vision tower + language model) and the reward head."""
+    """Qwen2-VL (transformers' Qwen2VLModel: vision tower + language model) and the reward head
+    (float32, on the last hidden states cast to float32)."""
 
     def __init__(self, backbone: nn.Module, rm_head: nn.Linear):
         super().__init__()
@@ -389,7 +391,7 @@ class VideoAlignModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
                                use_cache=False, **extra).last_hidden_state
-        return self.rm_head(hidden.to(self.rm_head.weight.dtype))
+        return self.rm_head(hidden.float())
 
 
 def _lora_scaling(peft: Mapping[str, Any], source: str) -> float:
@@ -455,7 +457,9 @@ def load_videoalign(layout: VideoAlignLayout, dtype: torch.dtype = torch.float32
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"VideoAlign weights {layout.weights} are not a state dict of tensors")
-    backbone_state, head = convert_checkpoint(state, _lora_scaling(layout.peft, source), layout.weights)
+    # Merged weights are kept in the scoring dtype: a float32 model gets the exact sum, not the
+    # sum rounded back to the checkpoint's bfloat16.
+    backbone_state, head = convert_checkpoint(state, _lora_scaling(layout.peft, source), layout.weights, dtype)
     del state
 
     text = config.text_config
@@ -480,9 +484,11 @@ def load_videoalign(layout: VideoAlignLayout, dtype: torch.dtype = torch.float32
                          f"{layout.base_model_path}/config.json: {len(missing)} missing {missing[:4]}, "
                          f"{len(unexpected)} unexpected {unexpected[:4]}, {len(mismatched)} mis-shaped {mismatched[:3]}")
     backbone = Qwen2VLModel.from_pretrained(None, config=config, state_dict=backbone_state, dtype=dtype)
-    rm_head = nn.Linear(text.hidden_size, output_dim, bias=False, dtype=dtype)
+    # The head runs in float32 whatever the model's dtype: bfloat16 scores (3 significant digits)
+    # would tie samples of a group that the model tells apart.
+    rm_head = nn.Linear(text.hidden_size, output_dim, bias=False, dtype=torch.float32)
     with torch.no_grad():
-        rm_head.weight.copy_(head.to(dtype))
+        rm_head.weight.copy_(head.float())
     model = VideoAlignModel(backbone, rm_head).eval().requires_grad_(False)
     return model, tokenizer, token_ids, output_dim, preprocessor
 
