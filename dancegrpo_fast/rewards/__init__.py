@@ -2,7 +2,7 @@
 
 See docs/rewards.md. Importing this package registers the built-in rewards:
 clip, pickscore, hps, aesthetic, jpeg_compressibility, jpeg_incompressibility, binary,
-frame_mean, remote. Model rewards import transformers only when built. A task's own rewards
+frame_mean, remote, videoalign. Model rewards import transformers only when built. A task's own rewards
 (the tiny task's tiny_geneval, yours) register when the module that defines them is imported:
 the config names it in `reward_modules`.
 """
@@ -31,6 +31,7 @@ from .rule_based import (
     JpegIncompressibilityReward,
     jpeg_size_kb,
 )
+from .videoalign import VideoAlignReward
 
 __all__ = [
     "Reward", "RewardInputError", "available_rewards", "build_reward", "import_reward_modules", "register_reward",
@@ -38,5 +39,5 @@ __all__ = [
     "ImageTextSimilarityReward", "CLIPScoreReward", "PickScoreReward",
     "AestheticReward", "AestheticHead", "HPSv2Reward", "OpenCLIPConfig", "OpenCLIPModel", "AsyncRewardPool",
     "ImagePreprocess", "RemoteReward", "RemoteRewardError", "BinaryReward", "FrameMeanReward",
-    "JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb",
+    "JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb", "VideoAlignReward",
 ]

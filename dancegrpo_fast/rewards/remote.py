@@ -8,8 +8,8 @@ Wire format, POST {url}/score with a JSON body:
                 "data": "<base64 of the C-order little-endian array>"}}
 
 uint8 arrays mean value / 255 (4x smaller than float32, and what an 8-bit image file would
-hold); float arrays are values in [0, 1]. The answer is {"scores": [B floats or null]} with
-status 200 (null: the reward could not score that sample, NaN or +-inf; the trainer skips its
+hold); float arrays are values in [0, 1]. The answer is {"scores": [B floats or null]} (and,
+from a server started with --criteria, {"criteria": {name: [B floats or null]}}) with status 200 (null: the reward could not score that sample, NaN or +-inf; the trainer skips its
 group), or {"error": "..."} with a 4xx status for a bad request (400 malformed, 401 missing
 token, 413 too large, 422 inputs the reward rejects) and 5xx when the reward failed or the
 server is busy (503). Only 5xx answers and connection errors are worth retrying.
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +38,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .base import Reward, register_reward
+from .base import Reward, register_reward, validate_inputs
+
+# url -> (request digest, answer): see RemoteReward._answer.
+_LAST_ANSWER: Dict[str, tuple] = {}
+_LAST_ANSWER_LOCK = threading.Lock()
 
 __all__ = ["RemoteReward", "RemoteRewardError", "WireFormatError", "encode_request", "decode_images",
            "decode_request", "parse_request", "WIRE_DTYPES", "TOKEN_ENV"]
@@ -226,12 +232,16 @@ class RemoteReward(Reward):
     checks again). dtype: the wire dtype, "uint8" (default, exact for 8-bit images) or
     "float16"/"float32". token: the server's bearer token (default: the DANCEGRPO_REWARD_TOKEN
     environment variable; none when unset). A score the server could not compute comes back as
-    NaN.
+    NaN. criterion: return that criterion of the served reward instead of its score (the server
+    must run with --criteria; e.g. "VQ" of videoalign); entries reading different criteria of one
+    server share one request per batch. criteria: also log every criterion of the served reward
+    (implied by criterion).
     """
 
     def __init__(self, url: str, timeout_s: float = 120.0, retries: int = 2, backoff_s: float = 1.0,
                  dtype: str = "uint8", modality: str = "image", batch_size: Optional[int] = None,
-                 name: str = "remote", token: Optional[str] = None):
+                 name: str = "remote", token: Optional[str] = None, criterion: Optional[str] = None,
+                 criteria: bool = False):
         super().__init__(device="cpu", batch_size=batch_size)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
@@ -253,6 +263,15 @@ class RemoteReward(Reward):
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
         self.dtype, self.modality, self.name = dtype, modality, name
+        if criterion is not None and (not isinstance(criterion, str) or not criterion):
+            raise ValueError(f"criterion must be a criterion name of the served reward or None, got {criterion!r}")
+        self.criterion = criterion
+        # The served reward's criteria, logged like an in-process reward's (RewardSet looks for a
+        # `criteria` method): only when asked for or when reading one, since a server without
+        # --criteria has none.
+        self._shared_answers = criterion is not None or bool(criteria)
+        if self._shared_answers:
+            self.criteria = self.fetch_criteria
         self._token = token
         # The jitter comes from the OS, not from the `random` module: the trainer seeds that one
         # identically on every rank, which would make every rank retry in lockstep again.
@@ -302,20 +321,65 @@ class RemoteReward(Reward):
         """The server's /health answer (raises RemoteRewardError when it is down)."""
         return self._request("/health", None)
 
-    def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        answer = self._request("/score", encode_request(images, prompts, self.dtype))
-        scores = answer.get("scores") if isinstance(answer, dict) else None
-        if (not isinstance(scores, list) or len(scores) != images.shape[0]
-                or not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in scores)):
-            raise RemoteRewardError(
-                f"reward server {self.url} answered {answer!r:.200} instead of {images.shape[0]} scores"
-            )
+    def _answer(self, images: torch.Tensor, prompts: Sequence[str], shared: bool) -> Dict[str, Any]:
+        body = encode_request(images, prompts, self.dtype)
+        if not shared:
+            return self._request("/score", body)
+        # Several entries reading criteria of one server (a VQ and an MQ entry) score one batch
+        # with one request: the last answer per URL is kept, keyed by the request's digest.
+        digest = hashlib.sha256(body).digest()
+        with _LAST_ANSWER_LOCK:
+            last = _LAST_ANSWER.get(self.url)
+            if last is not None and last[0] == digest:
+                return last[1]
+        answer = self._request("/score", body)
+        with _LAST_ANSWER_LOCK:
+            _LAST_ANSWER[self.url] = (digest, answer)
+        return answer
+
+    def _scores(self, values: Any, answer: Any, count: int, what: str) -> torch.Tensor:
+        if (not isinstance(values, list) or len(values) != count
+                or not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in values)):
+            raise RemoteRewardError(f"reward server {self.url} answered {answer!r:.200} instead of {count} {what}")
         # null: the server's reward produced NaN or +-inf for that sample (strict JSON has neither).
-        return torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float32)
+        return torch.tensor([float("nan") if s is None else float(s) for s in values], dtype=torch.float32)
+
+    def _criteria_of(self, answer: Any) -> Dict[str, Any]:
+        criteria = answer.get("criteria") if isinstance(answer, dict) else None
+        if not isinstance(criteria, dict):
+            raise RemoteRewardError(f"reward server {self.url} answered without per-criterion scores: start it with "
+                                    f"--criteria (for a reward that has criteria)")
+        return criteria
+
+    def _score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        answer = self._answer(images, prompts, shared=self._shared_answers)
+        if self.criterion is None:
+            return self._scores(answer.get("scores") if isinstance(answer, dict) else None, answer,
+                                images.shape[0], "scores")
+        criteria = self._criteria_of(answer)
+        if self.criterion not in criteria:
+            raise RemoteRewardError(f"reward server {self.url} has no criterion {self.criterion!r}; it has "
+                                    f"{sorted(criteria)}")
+        return self._scores(criteria[self.criterion], answer, images.shape[0], f"{self.criterion} scores")
+
+    def fetch_criteria(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """{criterion: (B,) float32 CPU} from a server started with --criteria (one request per
+        batch_size chunk, shared with this batch's call). Also this reward's `criteria` method
+        when it was built with criterion= or criteria=True."""
+        validate_inputs(images, prompts, self.modality)
+        prompts = list(prompts)
+        chunk = self.batch_size or max(images.shape[0], 1)
+        parts: Dict[str, List[torch.Tensor]] = {}
+        for start in range(0, images.shape[0], chunk):
+            part = images[start:start + chunk].clamp(0.0, 1.0)
+            answer = self._answer(part, prompts[start:start + chunk], shared=True)
+            for name, values in self._criteria_of(answer).items():
+                parts.setdefault(name, []).append(self._scores(values, answer, part.shape[0], f"{name} scores"))
+        return {name: torch.cat(values) for name, values in parts.items()}
 
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "url": self.url, "timeout_s": self.timeout_s, "retries": self.retries,
-                "authenticated": self._token is not None}
+                "authenticated": self._token is not None, "criterion": self.criterion}
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:

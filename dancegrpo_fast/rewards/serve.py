@@ -11,7 +11,8 @@ samples per reward call (requests with different image sizes go to different bat
 larger than max-batch is scored in several calls). When a batch fails, each of its requests is
 scored again on its own, so only the request that caused the failure gets the error.
 
-Answers: 200 with the scores (null where the reward gave NaN/inf); 400 for a malformed request
+Answers: 200 with the scores (null where the reward gave NaN/inf; with --criteria, also each
+criterion's scores for a reward that has criteria); 400 for a malformed request
 or inputs outside the limits; 401 without the right bearer token (when the server has one);
 413 for a body or a request larger than the limits; 422 for inputs the reward itself rejects
 (e.g. a prompt it cannot parse); 500 when the reward failed; 503 when the server is busy
@@ -44,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import clip_models, hps, remote, rule_based  # noqa: F401  (register the built-in rewards)
+from . import clip_models, hps, remote, rule_based, videoalign  # noqa: F401  (register the built-in rewards)
 from .base import Reward, available_rewards, build_reward, import_reward_modules, validate_inputs, validate_layout
 from .remote import TOKEN_ENV, WireFormatError, images_to_float, request_from_payload, request_payload, request_text
 
@@ -153,7 +154,7 @@ class RewardServer:
                  max_side: int = DEFAULT_LIMITS["max_side"], max_prompt_chars: int = DEFAULT_LIMITS["max_prompt_chars"],
                  read_timeout_s: float = DEFAULT_LIMITS["read_timeout_s"],
                  max_connections: int = DEFAULT_LIMITS["max_connections"], backlog: int = DEFAULT_LIMITS["backlog"],
-                 max_inflight_mb: Optional[float] = None, token: Optional[str] = None):
+                 max_inflight_mb: Optional[float] = None, token: Optional[str] = None, criteria: bool = False):
         for name, value in (("max_batch", max_batch), ("max_samples", max_samples), ("max_side", max_side),
                             ("max_prompt_chars", max_prompt_chars), ("max_connections", max_connections),
                             ("backlog", backlog)):
@@ -180,6 +181,12 @@ class RewardServer:
         self.max_samples, self.max_side, self.max_prompt_chars = max_samples, max_side, max_prompt_chars
         self.read_timeout_s, self.max_connections, self.backlog = float(read_timeout_s), max_connections, backlog
         self._token = token.encode("utf-8") if token else None
+        # criteria: answers also carry the reward's per-criterion scores ({"criteria": {name: [...]}}),
+        # for a reward with a criteria(images, prompts) method (e.g. videoalign's VQ, MQ, TA).
+        if criteria and not callable(getattr(reward, "criteria", None)):
+            raise ValueError(f"criteria: the reward {reward.name!r} has no criteria(images, prompts) method")
+        self.criteria = bool(criteria)
+        self._criteria_names: Optional[List[str]] = None
         self._queue: "queue.Queue[Optional[_Pending]]" = queue.Queue()
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "samples": 0, "batches": 0, "largest_batch": 0, "errors": 0,
@@ -214,7 +221,7 @@ class RewardServer:
                 "max_side": self.max_side, "max_prompt_chars": self.max_prompt_chars,
                 "read_timeout_s": self.read_timeout_s, "max_connections": self.max_connections,
                 "backlog": self.backlog, "max_inflight_mb": self.max_inflight_mb,
-                "authenticated": self._token is not None}
+                "authenticated": self._token is not None, "criteria": self.criteria}
 
     # -- batching -------------------------------------------------------------------------------
 
@@ -277,6 +284,14 @@ class RewardServer:
             scores = self.reward(chunk, prompts)
             if scores.shape != (chunk.shape[0],):
                 raise RuntimeError(f"reward returned {tuple(scores.shape)} scores for {chunk.shape[0]} samples")
+            if self.criteria:
+                # One row per sample: the score, then each criterion in a fixed order.
+                parts = self.reward.criteria(chunk, prompts)
+                if self._criteria_names is None:
+                    self._criteria_names = list(parts)
+                if list(parts) != self._criteria_names:
+                    raise RuntimeError(f"reward criteria changed from {self._criteria_names} to {list(parts)}")
+                scores = torch.stack([scores] + [torch.as_tensor(parts[n]).float().reshape(-1) for n in parts], dim=1)
             outputs.append(scores)
             with self._stats_lock:
                 self.stats["batches"] += 1
@@ -577,7 +592,15 @@ class RewardServer:
                 except Exception as error:
                     self._error(500, public_message(error, prompts))
                     return
-                self._send(200, {"scores": [float(s) if torch.isfinite(s) else None for s in scores]})
+                def as_json(values: torch.Tensor) -> List[Optional[float]]:
+                    return [float(s) if torch.isfinite(s) else None for s in values]
+
+                if scores.dim() == 2:  # the server's criteria: column 0 the score, then the criteria
+                    self._send(200, {"scores": as_json(scores[:, 0]),
+                                     "criteria": {name: as_json(scores[:, 1 + k])
+                                                  for k, name in enumerate(server._criteria_names or [])}})
+                else:
+                    self._send(200, {"scores": as_json(scores)})
 
         return Handler
 
@@ -651,6 +674,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--token", default=None,
                         help=f"bearer token every request must carry (default: the {TOKEN_ENV} environment "
                              f"variable; unset = no authentication). Prefer the variable: flags show in `ps`")
+    parser.add_argument("--criteria", action="store_true",
+                        help="answers also carry the reward's per-criterion scores (rewards with criteria, e.g. "
+                             "videoalign's VQ, MQ, TA); the remote reward's criterion= reads one of them")
     args = parser.parse_args(argv)
     try:
         import_reward_modules(args.reward_modules)
@@ -689,7 +715,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           max_body_mb=args.max_body_mb, max_samples=args.max_samples, max_side=args.max_side,
                           max_prompt_chars=args.max_prompt_chars, read_timeout_s=args.read_timeout_s,
                           max_connections=args.max_connections, backlog=args.backlog,
-                          max_inflight_mb=args.max_inflight_mb, token=args.token)
+                          max_inflight_mb=args.max_inflight_mb, token=args.token, criteria=args.criteria)
     if args.token is None and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without a token: anyone who can reach this port can use the reward "
               f"server; set {TOKEN_ENV} (or --token) on the server and the clients, or bind to a private network",
