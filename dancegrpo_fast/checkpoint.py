@@ -42,7 +42,8 @@ its own lineage.
 
 Loading never runs code: training_state.pt is read with torch.load(weights_only=True); the only
 non-tensor globals allowed are numpy's array reconstruction (RNG state in checkpoints written
-before format 2). A file that references anything else is refused.
+before format 2). A file that references anything else is refused. The shards' index (a pickle
+DCP writes) is read through an allow-list of DCP's metadata classes (sharded_checkpoint.py).
 """
 from __future__ import annotations
 

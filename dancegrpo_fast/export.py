@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from .checkpoint import (SHARDED, CheckpointError, checkpoint_root, find_latest, load_training_state, read_meta)

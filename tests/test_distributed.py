@@ -84,10 +84,18 @@ def test_fsdp_matches_one_process_and_resumes(flux_folder, single_process, tmp_p
 
 @pytest.mark.slow
 def test_fsdp_lora_matches_one_process(flux_folder, tmp_path):
-    lora = dict(use_lora=True, lora_rank=4, lora_alpha=4.0, lora_target_modules=["to_q", "to_k", "to_v"])
+    lora = dict(use_lora=True, lora_rank=4, lora_alpha=4.0, lora_target_modules=["to_q", "to_k", "to_v"],
+                ema_decay=0.5)
     single = _run(tmp_path, "single", 1, model_path=str(flux_folder), prompts_per_rank=4,
                   gradient_accumulation_steps=4, **lora)
     double = _run(tmp_path, "fsdp", 2, model_path=str(flux_folder), prompts_per_rank=2,
                   gradient_accumulation_steps=2, parallel="fsdp", **lora)
     assert all("lora" in k for k in single["params"])
     _assert_same(double["params"], single["params"])
+    # FSDP2 writes a sharded checkpoint; its export keeps the pipeline's small LoRA format (the
+    # EMA adapter too) and equals the single process's.
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "iter_000001"
+    assert json.loads((checkpoint / "meta.json").read_text())["layout"] == "sharded"
+    assert sorted(p.name for p in (checkpoint / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("export/pytorch_lora_weights.safetensors", "export/ema/pytorch_lora_weights.safetensors"):
+        _assert_same(load_file(str(tmp_path / "fsdp" / name)), load_file(str(tmp_path / "single" / name)))

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread, flux_folder, torch_backend  # noqa: E402,F401  (fixtures)
 from helpers.tiny_models import flux_train_config, flux_train_values, write_prompts  # noqa: E402
 
 from dancegrpo_fast import export as export_module  # noqa: E402
-from dancegrpo_fast.checkpoint import CheckpointError, find_latest  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.distributed import DistributedState  # noqa: E402
 from dancegrpo_fast.evaluator import evaluate_policy  # noqa: E402
@@ -140,23 +138,6 @@ def test_fsdp_sharded_save_exact_resume_and_export(flux_folder, tmp_path):
     assert single.iteration == 2
     _assert_equal(_trainable(single), straight["params"])
     _assert_equal(single.setup.ema.shadow, straight["ema"])
-
-
-@pytest.mark.slow
-def test_fsdp_lora_checkpoint_keeps_the_small_lora_format(flux_folder, tmp_path):
-    from diffusers import FluxPipeline
-
-    run = _torchrun(tmp_path, "lora", tmp_path / "lora", model_path=str(flux_folder), ema_decay=0.5, **LORA)
-    checkpoint = find_latest(tmp_path / "lora")
-    assert json.loads((checkpoint / "meta.json").read_text())["layout"] == "sharded"
-    assert sorted(p.name for p in (checkpoint / SHARDS_DIR).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    for folder, expected in (("export", run["params"]), ("export/ema", run["ema"])):
-        pipe = FluxPipeline.from_pretrained(str(flux_folder))
-        pipe.load_lora_weights(str(tmp_path / "lora" / folder))
-        # load_lora_weights names its adapter default_0; training names it default
-        loaded = {k.replace(".default_0.", ".default."): v for k, v in pipe.transformer.state_dict().items()
-                  if "lora" in k}
-        _assert_equal(loaded, expected)
 
 
 # ----------------------------------------------------------------------------------------------
