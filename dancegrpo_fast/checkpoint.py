@@ -599,7 +599,8 @@ def _load_sharded(path: Path, training: Dict, policy, optimizer, lr_scheduler, s
                               f"(model has {len(names)}, checkpoint {len(training['trainable_names'])})")
     param_groups = training["optimizer"].get("param_groups") if isinstance(training["optimizer"], dict) else None
     if not isinstance(param_groups, list):
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the optimizer's param_groups")
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the optimizer's "
+                              f"param_groups")
     try:
         training["ema_restored"] = load_shards(path / SHARDS_DIR, policy.model, optimizer, ema, names, param_groups,
                                                state)

@@ -142,7 +142,8 @@ def _export_lora(path: Path, temp: Path, ema: bool) -> None:
         source = path / "model_ema" / LORA_NAME
         if not source.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA adapter (model_ema/{LORA_NAME}; the run "
-                                  f"had ema_decay 0, or was written before EMA adapters were saved): export without --ema")
+                                  f"had ema_decay 0, or was written before EMA adapters were saved): export "
+                                  f"without --ema")
         (temp / EMA_DIR).mkdir()
         shutil.copyfile(source, temp / EMA_DIR / LORA_NAME)
 
@@ -160,7 +161,8 @@ def _export_full(path: Path, meta: Dict, temp: Path, ema: bool) -> None:
             averaged = _ema_weights(path, meta)
             unknown = sorted(set(averaged) - set(weights))
             if unknown:
-                raise CheckpointError(f"checkpoint {str(path)!r}: EMA entries {unknown[:3]} are not weights of the model")
+                raise CheckpointError(f"checkpoint {str(path)!r}: EMA entries {unknown[:3]} are not weights of "
+                                      f"the model")
             # A full fine-tune trains every parameter, so the EMA covers them all; anything it
             # does not cover keeps the trained value.
             _write_model(temp / EMA_DIR / component, config_dir, {**weights, **averaged})
