@@ -24,6 +24,7 @@ from helpers.fixtures import _single_thread, flux_folder, torch_backend  # noqa:
 from helpers.tiny_models import flux_train_config, flux_train_values, write_prompts  # noqa: E402
 
 from dancegrpo_fast import export as export_module  # noqa: E402
+from dancegrpo_fast.checkpoint import CheckpointError  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.distributed import DistributedState  # noqa: E402
 from dancegrpo_fast.evaluator import evaluate_policy  # noqa: E402
@@ -138,6 +139,14 @@ def test_fsdp_sharded_save_exact_resume_and_export(flux_folder, tmp_path):
     assert single.iteration == 2
     _assert_equal(_trainable(single), straight["params"])
     _assert_equal(single.setup.ema.shadow, straight["ema"])
+
+    # A crafted index stops the resume with one line, without running its code.
+    marker = tmp_path / "code_ran"
+    (checkpoint / SHARDS_DIR / ".metadata").write_bytes(pickle.dumps(_Exploit(f"touch {marker}")))
+    with pytest.raises(CheckpointError, match=r"shards/.metadata references posix.system.*refusing"):
+        Trainer(flux_train_config(flux_folder, tmp_path / "crafted", num_iterations=3, resume=str(checkpoint)),
+                rewards=REWARDS)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------
