@@ -10,13 +10,27 @@ Layout of output_dir/checkpoints/iter_000010/:
                                diffusion_pytorch_model.safetensors), loadable with
                                <ModelClass>.from_pretrained(model/<component>)
     model/pytorch_lora_weights.safetensors   LoRA: loadable with pipeline.load_lora_weights(model/)
+    model_ema/pytorch_lora_weights.safetensors   LoRA with an EMA: the EMA adapter, in the same format
     trainable.safetensors      LoRA: the adapter weights under the training-time names (resume)
+
+Under FSDP2 with several processes the layout is "sharded" (meta.json `layout`, format 3):
+nothing is gathered on one rank; every rank writes its shards of the trainable weights, the
+AdamW state and the EMA with torch.distributed.checkpoint (sharded_checkpoint.py):
+
+    shards/                    .metadata + one __<rank>_0.distcp per rank
+    model_config/<component>/config.json   the model's diffusers config (for the export)
+    training_state.pt          scheduler, RNG, iteration, prompt position, config, AdamW's
+                               param_groups (no tensors of the model size)
+    model/, model_ema/         LoRA only: the (small) adapter gathered, as above
+
+`python -m dancegrpo_fast.export` turns either layout into diffusers folders (export.py).
 
 A checkpoint is written into a temporary sibling folder, every file fsynced, and renamed into
 place (then the folder holding it is fsynced), so a run killed while writing leaves the previous
 checkpoint intact. A save that fails (a full disk) removes its temporary folder and raises a
-one-line CheckpointError saying what failed. Every rank takes part in gathering the full
-(unsharded) state; rank 0 writes.
+one-line CheckpointError saying what failed. Full layout: every rank takes part in gathering the
+full (unsharded) state; rank 0 writes. Sharded layout: every rank writes its shards into the
+temporary folder rank 0 created; rank 0 writes the rest and renames.
 
 Lineage: every run (Trainer) has a run id; meta.json records it, the runs it continues
 (`lineage`: [run id, last iteration taken from that run] for each earlier run) and a sequence
@@ -28,7 +42,8 @@ its own lineage.
 
 Loading never runs code: training_state.pt is read with torch.load(weights_only=True); the only
 non-tensor globals allowed are numpy's array reconstruction (RNG state in checkpoints written
-before format 2). A file that references anything else is refused.
+before format 2). A file that references anything else is refused. The shards' index (a pickle
+DCP writes) is read through an allow-list of DCP's metadata classes (sharded_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -54,9 +69,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from .distributed import DistributedState, broadcast_object
 from .logging_utils import warn
+from .sharded_checkpoint import (SHARDS_DIR, ShardedCheckpointError, gather_failures, load_shards, save_shards,
+                                 shard_state, uses_shards)
 
 # 2: lineage in meta.json, numpy RNG state as a tensor (weights_only loads without an allow-list).
-FORMAT_VERSION = 2
+# 3: the sharded layout (FSDP2). Full-layout checkpoints are still written as format 2, so that
+# earlier versions keep reading them; a sharded one is refused by them with "upgrade".
+FORMAT_VERSION = 3
+FULL_FORMAT = 2
+FULL, SHARDED = "full", "sharded"
 # Run id recorded for checkpoints written before lineages existed (format 1).
 LEGACY_RUN = "legacy"
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -291,27 +312,48 @@ def save_checkpoint(output_dir, iteration: int, policy, optimizer, lr_scheduler,
     own for this call. Raises CheckpointError on every rank when rank 0 could not write."""
     lineage = lineage if lineage is not None else Lineage.start(None)
     model = policy.model
-    model_state = get_model_state_dict(model, options=_options(state))
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_options(state))
-    ema_state = {k: _full_tensor(v).detach().cpu() for k, v in ema.items()} if ema else None
+    names = trainable_names(model)
+    sharded = uses_shards(config.runtime.parallel, state)
+    if sharded:
+        # Local shards only (views of the parameters and the optimizer state); a LoRA adapter is
+        # small, so its diffusers-format copy is gathered as in the full layout.
+        shards, param_groups = shard_state(model, optimizer, ema, names)
+        optimizer_state = {"param_groups": param_groups}
+        model_state = ({k: _full_tensor(p.detach()).cpu() for k, p in model.named_parameters() if k in set(names)}
+                       if config.optim.use_lora else None)
+    else:
+        model_state = get_model_state_dict(model, options=_options(state))
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_options(state))
+    ema_state = {k: _full_tensor(v).detach().cpu() for k, v in ema.items()} if ema and (
+        not sharded or config.optim.use_lora) else None
     root = checkpoint_root(output_dir)
     final = root / f"iter_{iteration:06d}"
-    failure = None
+    failure, temp = None, None
     if state.is_main:
         try:
             root.mkdir(parents=True, exist_ok=True)
             _remove_leftovers(root)
+            temp = root / f".tmp_iter_{iteration:06d}_{os.getpid()}_{time.time_ns()}"
+            temp.mkdir()
         except OSError as error:
             failure = _failure_message(error, final, _free_bytes(root.parent))
+    if sharded:
+        failure, temp = broadcast_object((failure, temp), state)  # every rank writes into rank 0's folder
         if failure is None:
-            temp = root / f".tmp_iter_{iteration:06d}_{os.getpid()}_{time.time_ns()}"
+            try:
+                save_shards(temp / SHARDS_DIR, shards, state)
+            except Exception as error:
+                failure = _failure_message(error, final, _free_bytes(root))
+            failure = gather_failures(failure, state)
+    if state.is_main:
+        if failure is None:
             try:
                 _write(temp, final, iteration, policy, model_state, optimizer_state, lr_scheduler, config, extra,
-                       ema_state, lineage)
+                       ema_state, lineage, SHARDED if sharded else FULL, bool(ema))
             except Exception as error:
-                free = _free_bytes(root)
-                shutil.rmtree(temp, ignore_errors=True)
-                failure = _failure_message(error, final, free)
+                failure = _failure_message(error, final, _free_bytes(root))
+        if failure is not None and temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
         if failure is None:
             try:
                 _prune(root, keep, final, lineage)
@@ -324,20 +366,28 @@ def save_checkpoint(output_dir, iteration: int, policy, optimizer, lr_scheduler,
 
 
 def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimizer_state, lr_scheduler, config,
-           extra: Dict, ema_state, lineage: Lineage) -> None:
+           extra: Dict, ema_state, lineage: Lineage, layout: str = FULL, has_ema: bool = False) -> None:
     from safetensors.torch import save_file
 
     model = policy.model
     root = final.parent
-    temp.mkdir()
     names = trainable_names(model)
     if config.optim.use_lora:
         from peft import get_peft_model_state_dict
 
-        trainable = {k: model_state[k].contiguous() for k in names}
-        save_file(trainable, str(temp / "trainable.safetensors"))
+        if layout == FULL:  # the sharded layout resumes from its shards
+            trainable = {k: model_state[k].contiguous() for k in names}
+            save_file(trainable, str(temp / "trainable.safetensors"))
         (temp / "model").mkdir()
         policy.save_lora(temp / "model", get_peft_model_state_dict(model, state_dict=model_state))
+        if ema_state:
+            # The EMA adapter in the pipeline's LoRA format too (small), for the export.
+            (temp / "model_ema").mkdir()
+            policy.save_lora(temp / "model_ema", get_peft_model_state_dict(model, state_dict=ema_state))
+    elif layout == SHARDED:
+        folder = temp / "model_config" / policy.model_component
+        folder.mkdir(parents=True)
+        model.save_config(str(folder))
     else:
         folder = temp / "model" / policy.model_component
         folder.mkdir(parents=True)
@@ -346,17 +396,21 @@ def _write(temp: Path, final: Path, iteration: int, policy, model_state, optimiz
                   str(folder / "diffusion_pytorch_model.safetensors"))
     # The JSON round trip keeps the config plain data (what weights_only loading accepts).
     config_data = json.loads(json.dumps(config.to_dict(), default=str))
-    training = {"format_version": FORMAT_VERSION, "iteration": iteration, "optimizer": optimizer_state,
-                "lr_scheduler": lr_scheduler.state_dict(), "ema": ema_state, "rng": rng_state(),
-                "trainable_names": names, "config": config_data, **extra}
+    format_version = FORMAT_VERSION if layout == SHARDED else FULL_FORMAT
+    training = {"format_version": format_version, "layout": layout, "iteration": iteration,
+                "optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
+                "ema": ema_state if layout == FULL else None, "rng": rng_state(), "trainable_names": names,
+                "config": config_data, **extra}
     # Through a Python file object: a full disk then surfaces as OSError(ENOSPC) (torch's own
     # file writer reports it only as "unexpected pos").
     with open(temp / "training_state.pt", "wb") as handle:
         torch.save(training, handle)
     complete, _ = scan_checkpoints(root)
     seq = 1 + max((info.seq for info in complete), default=0)
-    meta = {"iteration": iteration, "format_version": FORMAT_VERSION, "model_family": config.model.family,
-            "use_lora": config.optim.use_lora, "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    meta = {"iteration": iteration, "format_version": format_version, "layout": layout,
+            "model_family": config.model.family, "model_component": policy.model_component,
+            "use_lora": config.optim.use_lora, "has_ema": has_ema,
+            "seq": seq, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # Also here (small) so that a resume reads the run's settings without loading the
             # optimizer state.
             "config": config_data, **lineage.meta()}
@@ -488,9 +542,14 @@ def load_training_state(path) -> Dict[str, Any]:
                               f"({type(error).__name__}: {detail})") from None
 
 
-def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: DistributedState) -> Dict:
+def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: DistributedState,
+                    ema: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
     """Restore model, optimizer, scheduler and RNG from `path`; returns the training state dict
-    (iteration, prompt position, EMA, ...). Raises CheckpointError with the reason."""
+    (iteration, prompt position, EMA, ...). Raises CheckpointError with the reason.
+
+    Either layout loads into any run (DCP reshards a sharded checkpoint to this run's ranks, or
+    to one process). ema: the run's EMA shadow; a sharded checkpoint restores it in place (its
+    training state then has "ema": None), a full one returns the EMA under "ema"."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a folder")
@@ -506,6 +565,8 @@ def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: Distri
     if not isinstance(training, dict) or not all(k in training for k in ("trainable_names", "optimizer",
                                                                          "lr_scheduler", "rng", "iteration")):
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the training state")
+    if meta.get("layout", FULL) == SHARDED:
+        return _load_sharded(path, training, policy, optimizer, lr_scheduler, state, ema)
     from safetensors.torch import load_file
 
     weights_file = (path / "trainable.safetensors" if config.optim.use_lora
@@ -525,6 +586,30 @@ def load_checkpoint(path, policy, optimizer, lr_scheduler, config, state: Distri
     # tensor at a time, so a full model never has to fit on one device at once.
     set_model_state_dict(policy.model, weights, options=_options(state, for_load=True))
     set_optimizer_state_dict(policy.model, optimizer, training["optimizer"], options=_options(state, for_load=True))
+    lr_scheduler.load_state_dict(training["lr_scheduler"])
+    set_rng_state(training["rng"])
+    return training
+
+
+def _load_sharded(path: Path, training: Dict, policy, optimizer, lr_scheduler, state: DistributedState,
+                  ema: Optional[Dict[str, torch.Tensor]]) -> Dict:
+    names = trainable_names(policy.model)
+    if set(training["trainable_names"]) != set(names):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: trainable parameters differ "
+                              f"(model has {len(names)}, checkpoint {len(training['trainable_names'])})")
+    param_groups = training["optimizer"].get("param_groups") if isinstance(training["optimizer"], dict) else None
+    if not isinstance(param_groups, list):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: training_state.pt lacks the optimizer's "
+                              f"param_groups")
+    try:
+        training["ema_restored"] = load_shards(path / SHARDS_DIR, policy.model, optimizer, ema, names, param_groups,
+                                               state)
+    except ShardedCheckpointError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {error}") from None
+    except Exception as error:  # DCP's own errors: a missing or truncated shard file
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its shards cannot be read "
+                              f"({type(error).__name__}: {detail})") from None
     lr_scheduler.load_state_dict(training["lr_scheduler"])
     set_rng_state(training["rng"])
     return training

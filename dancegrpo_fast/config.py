@@ -157,6 +157,7 @@ class EvalConfig:
     num_prompts: int = _f(0, "evaluate on the first N held-out prompts; 0 = all", flat="eval_num_prompts")
     samples_per_prompt: int = _f(1, "samples per held-out prompt at each evaluation", flat="eval_samples_per_prompt")
     seed: int = _f(0, "seed of the evaluation noise: the same prompts and noise at every evaluation, so the curve compares models, not noise", flat="eval_seed")
+    use_ema: bool = _f(False, "evaluate the EMA weights (needs ema_decay > 0): swapped in for the evaluation, the trained weights restored after it", flat="eval_ema")
 
 
 @dataclass
@@ -167,6 +168,7 @@ class RuntimeConfig:
     parallel: str = _f("ddp", "ddp or fsdp (FSDP2 fully_shard) under torchrun")
     checkpoint_every: int = _f(10, "write a checkpoint every K iterations (and at exit)")
     keep_checkpoints: int = _f(2, "checkpoints kept on disk (newest)")
+    export: bool = _f(True, "when the run has done all its iterations, export the last checkpoint to output_dir/export as diffusers folders (the EMA too, in export/ema, when ema_decay > 0)")
     overwrite: bool = _f(False, "a fresh run into an output_dir that holds an earlier run's files (metrics, checkpoints, pictures) first removes them; without it such a run stops")
     resume: str = _f("", "'latest' (newest in output_dir; a fresh start when there is none), a checkpoint folder, or empty")
     sample_every: int = _f(0, "save a sample grid every K iterations; 0 = never")
@@ -255,6 +257,8 @@ class TrainConfig:
              f"rewards that stops the run), got {g.max_skipped_group_fraction!r}")
         need(0 <= o.ema_decay < 1, f"ema_decay must lie in [0, 1), got {o.ema_decay!r}")
         need(rt.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {rt.checkpoint_every!r}")
+        need(not e.use_ema or o.ema_decay > 0,
+             f"eval_ema evaluates the EMA weights, which need ema_decay > 0 (e.g. 0.995), got ema_decay={o.ema_decay!r}")
         for section, name in ((e, "every"), (e, "num_prompts"), (rt, "threads")):
             value = getattr(section, name)
             need(isinstance(value, int) and value >= 0,

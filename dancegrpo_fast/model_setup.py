@@ -3,6 +3,7 @@ gradient checkpointing, the frozen KL reference, the DDP/FSDP2 wrapper, the EMA,
 learning-rate schedule, and the optimizer step (clip, step, schedule, EMA)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Dict, List, Optional
 
@@ -49,6 +50,23 @@ class EMA:
             if hasattr(target, "device_mesh"):  # FSDP2: shard the full tensor like the parameter
                 value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
             target.copy_(value)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """Context: the model's trainable parameters hold the EMA weights; afterwards the live
+        weights are copied back bit for bit (a copy of them, sharded like the parameters, is kept
+        meanwhile). Not for training: the optimizer is not told."""
+        params = {name: p for name, p in model.named_parameters() if name in self.shadow}
+        live = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(self.shadow[name].to(param.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(live[name])
 
 
 class TrainingSetup:

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, Lineage, load_checkpoint, resolve_resum
 from .config import TrainConfig, config_to_yaml, parse_config, resumed_config
 from .distributed import DistributedState, all_gather, all_reduce_sum, cleanup, init_distributed
 from .evaluator import Evaluator
+from .export import export_checkpoint
 from .grpo import compute_advantages, too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
 from .model_setup import TrainingSetup
@@ -101,7 +102,7 @@ class Trainer:
         self.iteration += 1
         row = self._row(scores, stats, skipped, seconds)
         if self.evaluator.due(self.iteration, c.runtime.num_iterations):
-            row.update(self.evaluator.evaluate(self.iteration))  # after the update, in this iteration's row
+            row.update(self._evaluate())  # after the update, in this iteration's row
         self.logger.log(row)
         if "seconds_eval" in row:
             self.evaluator.write_reward_curve(self.logger.path)
@@ -220,8 +221,9 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
+        ema = self.setup.ema.shadow if self.setup.ema is not None else None
         training = load_checkpoint(path, self.policy, self.setup.optimizer, self.setup.lr_scheduler, self.config,
-                                   self.state)
+                                   self.state, ema=ema)
         self.iteration = int(training["iteration"])
         self.prompts.position = int(training["prompt_position"])
         self.skipped_groups_total = int(training.get("skipped_groups_total", 0))
@@ -270,6 +272,8 @@ class Trainer:
                         rows.append(self._log_evaluation())  # stopped early: the last iteration was not evaluated
                     self.evaluator.write_before_after()
                     self.evaluator.write_reward_curve(self.logger.path)
+                if self.iteration >= rt.num_iterations and self.iteration > first_iteration:
+                    self._export(last_checkpoint)
         finally:
             if bar is not None:
                 bar.close()
@@ -284,8 +288,30 @@ class Trainer:
                                 stop.requested), flush=True)
         return rows
 
+    def _evaluate(self) -> Dict:
+        """Held-out metrics of the current weights, or with eval.use_ema of the EMA weights
+        (swapped in, the trained weights restored afterwards)."""
+        if self.config.eval.use_ema and self.setup.ema is not None:
+            with self.setup.ema.swapped_in(self.policy.model):
+                return self.evaluator.evaluate(self.iteration)
+        return self.evaluator.evaluate(self.iteration)
+
+    def _export(self, checkpoint: Optional[Path]) -> Optional[Path]:
+        """Rank 0, at the end of a completed run: the diffusers export of the last checkpoint
+        (export.py), consolidated from the checkpoint's files, so nothing is gathered across the
+        ranks. A failure only warns: the checkpoint is written."""
+        if not (self.config.runtime.export and self.state.is_main and checkpoint is not None):
+            return None
+        try:
+            return export_checkpoint(checkpoint, Path(self.config.runtime.output_dir) / "export",
+                                     ema=self.setup.ema is not None)
+        except Exception as error:
+            warn(f"could not export {checkpoint} to diffusers folders: {type(error).__name__}: {error} (run "
+                 f"python -m dancegrpo_fast.export {self.config.runtime.output_dir} to retry)")
+            return None
+
     def _log_evaluation(self) -> Dict:
-        row = {"iteration": self.iteration, **self.evaluator.evaluate(self.iteration)}
+        row = {"iteration": self.iteration, **self._evaluate()}
         self.logger.log(row)
         self.evaluator.write_reward_curve(self.logger.path)
         return row

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread, flux_folder  # noqa: E402,F401  (fixtures)
-from helpers.tiny_models import make_flux, write_prompts  # noqa: E402
+from helpers.tiny_models import flux_train_config, make_flux, write_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "helpers" / "dist_runner.py"
@@ -84,10 +84,28 @@ def test_fsdp_matches_one_process_and_resumes(flux_folder, single_process, tmp_p
 
 @pytest.mark.slow
 def test_fsdp_lora_matches_one_process(flux_folder, tmp_path):
-    lora = dict(use_lora=True, lora_rank=4, lora_alpha=4.0, lora_target_modules=["to_q", "to_k", "to_v"])
+    lora = dict(use_lora=True, lora_rank=4, lora_alpha=4.0, lora_target_modules=["to_q", "to_k", "to_v"],
+                ema_decay=0.5)
     single = _run(tmp_path, "single", 1, model_path=str(flux_folder), prompts_per_rank=4,
                   gradient_accumulation_steps=4, **lora)
     double = _run(tmp_path, "fsdp", 2, model_path=str(flux_folder), prompts_per_rank=2,
                   gradient_accumulation_steps=2, parallel="fsdp", **lora)
     assert all("lora" in k for k in single["params"])
     _assert_same(double["params"], single["params"])
+    # FSDP2 writes a sharded checkpoint; its export keeps the pipeline's small LoRA format (the
+    # EMA adapter too) and equals the single process's.
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "iter_000001"
+    assert json.loads((checkpoint / "meta.json").read_text())["layout"] == "sharded"
+    assert sorted(p.name for p in (checkpoint / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for name in ("export/pytorch_lora_weights.safetensors", "export/ema/pytorch_lora_weights.safetensors"):
+        _assert_same(load_file(str(tmp_path / "fsdp" / name)), load_file(str(tmp_path / "single" / name)))
+    # The shards hold the adapter under its training-time names: it resumes (here in one process).
+    from dancegrpo_fast.train import Trainer
+
+    rewards = {"brightness": (lambda images, prompts: images.mean((1, 2, 3)), 1.0)}
+    resumed = Trainer(flux_train_config(flux_folder, tmp_path / "one", resume=str(checkpoint), num_iterations=2,
+                                        **lora), rewards=rewards)
+    assert resumed.iteration == 1
+    params = {n: p.detach() for n, p in resumed.policy.model.named_parameters() if p.requires_grad}
+    assert params.keys() == double["params"].keys()
+    assert all(torch.equal(params[k], double["params"][k]) for k in params)

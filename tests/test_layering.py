@@ -12,11 +12,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dancegrpo_fast"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: List[List[str]] = [
-    ["sde", "noise", "trajectory", "distributed", "logging_utils", "config", "kernels", "meta_measure"],
+    ["sde", "noise", "trajectory", "distributed", "logging_utils", "config", "kernels", "meta_measure",
+     "sharded_checkpoint"],
     ["schedules", "ops", "grpo"],
     ["policies", "rewards", "checkpoint", "reports", "prompts"],
     ["rollout", "output_lock", "run_report"],
-    ["update", "evaluator", "model_setup"],
+    ["update", "evaluator", "model_setup", "export"],
     ["tiny", "pretrain_tiny", "plan", "dry_run", "architectures", "info"],
     ["train"],
     ["__init__"],

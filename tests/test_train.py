@@ -340,6 +340,8 @@ def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
     assert row["first_step_ratio_max_dev"] == 0.0 and "reward/tiny_geneval/mean" in row
     assert "eval/tiny_geneval/mean" in row and "reward/tiny_geneval/clean" in row
     assert (find_latest(tmp_path / "out") / "model" / "transformer" / "config.json").is_file()
+    # the end of the run exports the last checkpoint as a diffusers folder
+    assert (tmp_path / "out" / "export" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     for name in ("reward_curve.png", "before_after.png"):
         assert (tmp_path / "out" / name).is_file(), name
     printed = capsys.readouterr().out
