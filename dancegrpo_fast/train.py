@@ -79,6 +79,7 @@ class Trainer:
         self.logger = MetricsLogger(output_dir, enabled=self.state.is_main, tensorboard=c.runtime.tensorboard)
         self._reward_pool: Optional[AsyncRewardPool] = None
         self.stop = StopOnSignal()  # SIGTERM/SIGINT: stop after the current iteration, with a checkpoint
+        self.deferred_export: Optional[Path] = None  # set by _export under torchrun; main() runs it after cleanup
         self.lineage = Lineage.start(resume_path)  # recorded in every checkpoint this run writes
         if resume_path is not None:
             self._resume(resume_path)
@@ -296,11 +297,17 @@ class Trainer:
                 return self.evaluator.evaluate(self.iteration)
         return self.evaluator.evaluate(self.iteration)
 
-    def _export(self, checkpoint: Optional[Path]) -> Optional[Path]:
+    def _export(self, checkpoint: Optional[Path], after_cleanup: bool = False) -> Optional[Path]:
         """Rank 0, at the end of a completed run: the diffusers export of the last checkpoint
         (export.py), consolidated from the checkpoint's files, so nothing is gathered across the
         ranks. A failure only warns: the checkpoint is written."""
         if not (self.config.runtime.export and self.state.is_main and checkpoint is not None):
+            return None
+        if self.state.world_size > 1 and not after_cleanup:
+            # A 12B export takes minutes on rank 0 while the other ranks wait at the closing
+            # barrier, long enough to hit the process group's timeout: main() runs it after the
+            # group is gone.
+            self.deferred_export = checkpoint
             return None
         try:
             return export_checkpoint(checkpoint, Path(self.config.runtime.output_dir) / "export",
@@ -309,6 +316,12 @@ class Trainer:
             warn(f"could not export {checkpoint} to diffusers folders: {type(error).__name__}: {error} (run "
                  f"python -m dancegrpo_fast.export {self.config.runtime.output_dir} to retry)")
             return None
+
+    def export_deferred(self) -> Optional[Path]:
+        """The end-of-run export that _export left for after the process group's cleanup (torchrun
+        runs); call it after distributed.cleanup. Nothing when there is none."""
+        checkpoint, self.deferred_export = self.deferred_export, None
+        return None if checkpoint is None else self._export(checkpoint, after_cleanup=True)
 
     def _log_evaluation(self) -> Dict:
         row = {"iteration": self.iteration, **self._evaluate()}
@@ -375,12 +388,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if resumed.startswith("nothing to do"):
             return 0
     state = init_distributed()
+    trainer = None
     try:
-        Trainer(config, state=state).train()
+        trainer = Trainer(config, state=state)
+        trainer.train()
     except USER_ERRORS as error:
         return _user_error(error)
     finally:
         cleanup(state)
+    if trainer is not None:
+        trainer.export_deferred()
     return 0
 
 

@@ -36,6 +36,7 @@ def main(config_file: str, output_file: str) -> None:
         torch.save({"params": {k: v for k, v in full.items() if k in names}, "iteration": trainer.iteration},
                    output_file)
     cleanup(state)
+    trainer.export_deferred()
 
 
 if __name__ == "__main__":

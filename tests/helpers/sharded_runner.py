@@ -61,6 +61,7 @@ def main(config_file: str, output_file: str) -> None:
         torch.save({"params": params, "ema": ema, "iteration": trainer.iteration, "saves": saves,
                     "local_model_counts": gathered}, output_file)
     cleanup(state)
+    trainer.export_deferred()  # as train.main does: the end-of-run export after the group is gone
 
 
 if __name__ == "__main__":
