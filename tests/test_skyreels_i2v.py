@@ -1,0 +1,244 @@
+"""The SkyReels I2V policy on a tiny random checkpoint of the real diffusers classes
+(HunyuanSkyreelsImageToVideoPipeline's layout), loaded from a folder, trained from a JSONL prompt
+file with input images: the model input is the pipeline's (noisy latents, then the image latents
+of the first frame, zeros after it); each group shares its prompt's image; rollout shapes; rollout
+log-prob == training-time log-prob (ratio exactly 1); one update lowers the surrogate loss; the
+saved weights (full and LoRA) load back into the diffusers pipeline."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
+from helpers.tiny_i2v import make_skyreels_i2v, write_image_prompts, write_images  # noqa: E402
+from helpers.tiny_models import write_prompts  # noqa: E402
+
+from dancegrpo_fast import ops  # noqa: E402
+from dancegrpo_fast.config import TrainConfig  # noqa: E402
+from dancegrpo_fast.prompts import ImagePrompt, load_prompts  # noqa: E402
+from dancegrpo_fast.train import Trainer  # noqa: E402
+
+CAPTIONS = ["a red cat", "a blue dog", "a green tree", "a small house"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_skyreels_i2v(tmp_path_factory.mktemp("skyreels") / "model")
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    """Four captions with four images, and one caption repeated with another image (a caption
+    shared by several images is common in I2V data: the image must tell them apart)."""
+    root = tmp_path_factory.mktemp("i2v_prompts")
+    images = write_images(root / "images", count=5)
+    entries = [(text, f"images/{p.name}") for text, p in zip(CAPTIONS, images)]
+    entries.append((CAPTIONS[0], f"images/{images[4].name}"))
+    return write_image_prompts(root / "prompts.jsonl", entries)
+
+
+def brightness(videos, prompts):
+    """Rule-based test reward: mean pixel value of the video."""
+    return videos.float().mean(dim=tuple(range(1, videos.dim())))
+
+
+def make_config(folder, prompt_file, tmp_path, **overrides) -> TrainConfig:
+    values = dict(model_family="skyreels_i2v", model_path=str(folder), prompt_file=str(prompt_file),
+                  output_dir=str(tmp_path / "out"), height=16, width=16, num_frames=5, num_steps=4, group_size=2,
+                  prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
+                  timestep_fraction=1.0, max_sequence_length=16, lr=1e-4, clip_range=10.0, num_iterations=1,
+                  progress_bar=False, tensorboard=False, mixed_precision="no", seed=3, sampler="dance", eta=0.3,
+                  shift=7.0, guidance_scale=1.0, cfg_scale=6.0, negative_prompt="dark blur")
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def _log_probs_at(trainer, trajectory, steps, batch_size=2):
+    cond = trainer.policy.encode(trajectory.prompts)
+    out = torch.empty(steps.shape)
+    with torch.no_grad():
+        for rows in torch.arange(trajectory.batch_size).split(batch_size):
+            for j in range(steps.shape[1]):
+                step = steps[rows, j]
+                v, x, x_next, _ = trainer.updater._forward(trajectory, cond, rows, step)
+                out[rows, j] = ops.step_log_prob(v, x, x_next, trainer.schedule.coefficients(step, trainer.device))
+    return out
+
+
+def _parameters(policy):
+    return {f"{name}.{key}": value.detach().clone()
+            for name, module in policy.pipe.components.items() if isinstance(module, torch.nn.Module)
+            for key, value in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_i2v_rollout_ratio_update_and_saved_weights(folder, prompt_file, tmp_path, use_lora):
+    config = make_config(folder, prompt_file, tmp_path, use_lora=use_lora, lora_rank=4, lora_alpha=4.0,
+                         lora_target_modules=["to_q", "to_k", "to_v"])
+    scored = []
+
+    def recording_brightness(videos, prompts):
+        scored.append(tuple(videos.shape))
+        return brightness(videos, prompts)
+
+    trainer = Trainer(config, rewards={"brightness": (recording_brightness, 1.0)})
+    policy = trainer.policy
+    assert policy.latent_shape() == (4, 2, 4, 4)  # the VAE's 4 channels, not the transformer's 8 inputs
+
+    trajectory, samples, scores, _ = trainer.collect_and_score()
+    assert all(isinstance(p, ImagePrompt) for p in trajectory.prompts)
+    assert trajectory.latents.shape == (4, 5, 4, 2, 4, 4)
+    assert trajectory.log_probs.shape == (4, 4)
+    assert torch.isfinite(trajectory.log_probs).all()
+    # DanceGRPO's int(sigma * 1000) / 1000 of the shifted sigmas (shift 7: 7 s / (1 + 6 s)), times 1000.
+    assert torch.allclose(trajectory.timesteps, torch.tensor([1.0, 0.954, 0.875, 0.7], dtype=torch.float64) * 1000)
+    # Rewards saw videos (B, T, 3, H, W) in [0, 1], as from the T2V families.
+    assert scored and all(shape[1:] == (5, 3, 16, 16) for shape in scored)
+    assert sum(shape[0] for shape in scored) == 4
+    assert samples.shape == (4, 5, 3, 16, 16) and samples.min() >= 0 and samples.max() <= 1
+    assert torch.equal(samples, policy.decode(trajectory.final_latents))
+    assert torch.allclose(scores["brightness"], brightness(samples, None))
+    # The G = 2 samples of a prompt share its initial noise and its image latents; prompts differ.
+    assert torch.equal(trajectory.latents[0, 0], trajectory.latents[1, 0])
+    cond = policy.encode(trajectory.prompts)
+    image = cond["image_latents"][trajectory.prompt_rows]
+    assert image.shape == (4, 4, 1, 4, 4)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[2], image[3])
+    assert not torch.equal(image[0], image[2])
+
+    # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
+    all_steps = torch.arange(4).repeat(4, 1)
+    recomputed = _log_probs_at(trainer, trajectory, all_steps)
+    assert ((recomputed - trajectory.log_probs).exp() - 1).abs().max() < 1e-6
+
+    # One update on a fixed batch: only trainable transformer parameters change; the loss drops.
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    steps = trainer.trained_steps(trajectory)
+    before_lp = _log_probs_at(trainer, trajectory, steps)
+    before = _parameters(policy)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    stats = trainer.update(trajectory, advantages)
+    assert stats.first_step_ratio_max_dev == 0.0
+    after = _parameters(policy)
+    after_lp = _log_probs_at(trainer, trajectory, steps)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("transformer.") and k[len("transformer."):] in trainable for k in changed)
+    if use_lora:
+        assert all("lora" in k for k in changed)
+    ratio = torch.exp(after_lp - before_lp)
+    assert -(advantages[:, None] * ratio).mean() < -(advantages[:, None] * torch.ones_like(ratio)).mean()
+
+    # The checkpoint loads back into diffusers' HunyuanSkyreelsImageToVideoPipeline.
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoTransformer3DModel
+
+    checkpoint = trainer.save()
+    if use_lora:
+        pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(str(folder))
+        pipe.load_lora_weights(str(checkpoint / "model"))
+        loaded = sorted(torch.cat([v.flatten() for k, v in pipe.transformer.state_dict().items() if "lora" in k]).tolist())
+        trained = sorted(torch.cat([v.flatten() for k, v in policy.model.state_dict().items() if "lora" in k]).tolist())
+        assert loaded == trained
+    else:
+        loaded = HunyuanVideoTransformer3DModel.from_pretrained(str(checkpoint / "model" / "transformer"))
+        trained = policy.model.state_dict()
+        assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
+        pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(str(folder), transformer=loaded)
+        assert pipe.transformer.config.in_channels == 8
+
+
+def _capture_transformer_inputs(transformer):
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append({k: kwargs[k].detach().clone() for k in ("hidden_states", "encoder_hidden_states", "guidance")})
+
+    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_model_input_is_the_pipelines(folder, tmp_path, monkeypatch):
+    """The transformer's input in the policy's model call equals the one diffusers'
+    HunyuanSkyreelsImageToVideoPipeline builds for the same image, prompt and x_T (its posterior
+    sampled at the mean, as the policy encodes): [noisy latents, first-frame image latents then
+    zeros] on the channels; the text and guidance embedding as the pipeline's; CFG's
+    unconditional half keeps the image."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import Image
+
+    from dancegrpo_fast.policies import build_policy
+
+    rng = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    image.save(tmp_path / "im.png")
+    prompt = ImagePrompt("a red cat", str(tmp_path / "im.png"))
+    config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path, negative_prompt="dark blur")
+    policy = build_policy(config.model, config.sampler)
+    x = torch.randn((1,) + policy.latent_shape(), generator=rng)
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    seen, handle = _capture_transformer_inputs(policy.model)
+    try:
+        policy.pipe(image=image, prompt="a red cat", negative_prompt="dark blur", height=16, width=16, num_frames=5,
+                    num_inference_steps=1, true_cfg_scale=6.0, guidance_scale=1.0, latents=x.clone(),
+                    max_sequence_length=16, output_type="latent")
+        schedule = policy.schedule()
+        policy.predict(x, torch.zeros(1, dtype=torch.int64), policy.encode([prompt]), schedule)
+    finally:
+        handle.remove()
+    # The pipeline calls the transformer with the prompt, then the negative prompt; predict calls
+    # it once with [negative, prompt].
+    pipe_text, pipe_negative, ours = seen
+    assert ours["hidden_states"].shape == (2, 8, 2, 4, 4)
+    for half, reference in ((1, pipe_text), (0, pipe_negative)):
+        assert torch.allclose(ours["hidden_states"][half], reference["hidden_states"][0], atol=1e-6)
+        assert torch.allclose(ours["encoder_hidden_states"][half], reference["encoder_hidden_states"][0], atol=1e-6)
+        assert torch.equal(ours["guidance"][half], reference["guidance"][0])
+    hidden = ours["hidden_states"][1]
+    assert torch.equal(hidden[:4], x[0])
+    assert hidden[4:, 0].abs().sum() > 0 and torch.equal(hidden[4:, 1:], torch.zeros_like(hidden[4:, 1:]))
+
+
+def test_images_are_cropped_to_the_aspect_not_squashed(folder, tmp_path):
+    """A 32x16 (wide) image for a 16x16 video: its centre 16x16 square is encoded, as SkyReels'
+    own resize-crop does, not the whole image squeezed."""
+    from PIL import Image
+
+    from dancegrpo_fast.policies import build_policy
+
+    rng = torch.Generator().manual_seed(1)
+    pixels = (torch.rand(16, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    Image.fromarray(pixels[:, 8:24]).save(tmp_path / "centre.png")
+    Image.fromarray(pixels).resize((16, 16)).save(tmp_path / "squashed.png")
+    config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path)
+    policy = build_policy(config.model, config.sampler)
+    wide, centre, squashed = policy.encode_images([str(tmp_path / n) for n in ("wide.png", "centre.png", "squashed.png")])
+    assert torch.allclose(wide, centre, atol=1e-6)
+    assert not torch.allclose(wide, squashed, atol=1e-3)
+
+
+def test_the_cache_tells_apart_images_of_one_caption(folder, prompt_file, tmp_path):
+    from dancegrpo_fast.policies import build_policy
+
+    prompts = load_prompts(prompt_file)
+    same_caption = [p for p in prompts if str(p) == CAPTIONS[0]]
+    assert len(same_caption) == 2
+    config = make_config(folder, prompt_file, tmp_path)
+    policy = build_policy(config.model, config.sampler)
+    cond = policy.encode(same_caption)
+    assert len(policy._embedding_cache) == 2
+    assert torch.equal(cond["prompt_embeds"][0], cond["prompt_embeds"][1])
+    assert not torch.equal(cond["image_latents"][0], cond["image_latents"][1])
+    # Encoded again (from the cache or not), a prompt's conditioning is the same: the posterior mean.
+    policy._embedding_cache.clear()
+    again = policy.encode(same_caption)
+    assert all(torch.equal(cond[k], again[k]) for k in cond)
+
+
+def test_prompts_without_images_stop_with_a_clear_error(folder, tmp_path):
+    config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path)
+    with pytest.raises(ValueError, match=r"model_family 'skyreels_i2v' generates a video from an input image.*\.jsonl"):
+        Trainer(config, rewards={"brightness": (brightness, 1.0)}).collect()
