@@ -242,3 +242,29 @@ def test_prompts_without_images_stop_with_a_clear_error(folder, tmp_path):
     config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path)
     with pytest.raises(ValueError, match=r"model_family 'skyreels_i2v' generates a video from an input image.*\.jsonl"):
         Trainer(config, rewards={"brightness": (brightness, 1.0)}).collect()
+
+
+
+def test_the_published_architecture_builds_on_the_meta_device():
+    """dancegrpo_fast/architectures/skyreels_v1_hunyuan_i2v (what `python -m dancegrpo_fast.plan
+    --preset skyreels_i2v` plans) builds through the policy's loading code on the meta device:
+    HunyuanVideo T2V's 12,821,012,544 transformer parameters plus the wider conv-in (16 more input
+    channels x 3072 x the 1x2x2 patch); at the preset's settings the latents are (16, 25, 68,
+    120), a text prompt encodes as if it had an image of the configured size (the plan's dry
+    run), and the CFG model call runs on meta tensors."""
+    from dancegrpo_fast.config import apply_preset
+    from dancegrpo_fast.plan import ARCHITECTURES_DIR, DEFAULT_ARCHITECTURE
+    from dancegrpo_fast.policies import build_policy
+
+    config = apply_preset("skyreels_i2v")
+    folder = ARCHITECTURES_DIR / DEFAULT_ARCHITECTURE["skyreels_i2v"]
+    config = TrainConfig.from_dict({"model": {"path": str(folder)}}, config)
+    policy = build_policy(config.model, config.sampler, "meta")
+    assert sum(p.numel() for p in policy.model.parameters()) == 12_821_012_544 + 16 * 3072 * 4
+    assert policy.latent_shape() == (16, 25, 68, 120)
+    cond = policy.encode(["a dancer spins"])
+    assert cond["image_latents"].shape == (1, 16, 1, 68, 120)
+    x = torch.empty((1, 16, 25, 68, 120), device="meta")
+    assert policy.uses_cfg
+    v = policy.predict(x, torch.zeros(1, dtype=torch.int64), cond, policy.schedule())
+    assert v.shape == x.shape
