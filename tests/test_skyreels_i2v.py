@@ -268,3 +268,24 @@ def test_the_published_architecture_builds_on_the_meta_device():
     assert policy.uses_cfg
     v = policy.predict(x, torch.zeros(1, dtype=torch.int64), cond, policy.schedule())
     assert v.shape == x.shape
+
+
+def test_a_run_with_held_out_image_prompts_evaluates_and_resumes(folder, prompt_file, tmp_path):
+    """The trainer end to end on image prompts: training iterations, a held-out JSONL evaluation
+    before and after (its eval_before.pt, holding the image prompts, reads back with
+    weights_only=True: the before/after sheet is drawn), and a resume that continues the prompt
+    stream."""
+    config = make_config(folder, prompt_file, tmp_path, num_iterations=1, eval_every=1,
+                         eval_prompt_file=str(prompt_file), eval_num_prompts=2, cfg_scale=1.0)
+    trainer = Trainer(config, rewards={"brightness": (brightness, 1.0)})
+    rows = trainer.train()
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all("eval/brightness/mean" in r for r in rows)
+    out = Path(config.runtime.output_dir)
+    before = torch.load(out / "samples" / "eval_before.pt", weights_only=True)
+    assert before["prompts"] and all(isinstance(p, ImagePrompt) for p in before["prompts"])
+    assert (out / "before_after.png").is_file()
+    resumed = Trainer(make_config(folder, prompt_file, tmp_path, num_iterations=2, resume="latest", cfg_scale=1.0),
+                      rewards={"brightness": (brightness, 1.0)})
+    assert resumed.iteration == 1 and resumed.prompts.position == 2
+    assert [r["iteration"] for r in resumed.train()] == [2]
