@@ -215,7 +215,8 @@ def test_images_are_cropped_to_the_aspect_not_squashed(folder, tmp_path):
     Image.fromarray(pixels).resize((16, 16)).save(tmp_path / "squashed.png")
     config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path)
     policy = build_policy(config.model, config.sampler)
-    wide, centre, squashed = policy.encode_images([str(tmp_path / n) for n in ("wide.png", "centre.png", "squashed.png")])
+    latents = policy.encode_images([str(tmp_path / n) for n in ("wide.png", "centre.png", "squashed.png")])
+    wide, centre, squashed = latents["image_latents"]
     assert torch.allclose(wide, centre, atol=1e-6)
     assert not torch.allclose(wide, squashed, atol=1e-3)
 
