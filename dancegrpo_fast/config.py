@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "skyreels_i2v", "tiny")
+FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "skyreels_i2v", "wan_i2v", "tiny")
 SAMPLERS = ("dance", "flow_grpo", "ddim")
 
 

@@ -1,7 +1,7 @@
-"""The SkyReels I2V policy on a tiny random checkpoint of the real diffusers classes
-(HunyuanSkyreelsImageToVideoPipeline's layout), loaded from a folder, trained from a JSONL prompt
-file with input images: the model input is the pipeline's (noisy latents, then the image latents
-of the first frame, zeros after it); each group shares its prompt's image; rollout shapes; rollout
+"""The image-to-video policies (skyreels_i2v: HunyuanSkyreelsImageToVideoPipeline; wan_i2v:
+WanImageToVideoPipeline) on tiny random checkpoints of the real diffusers classes, loaded from
+folders, trained from a JSONL prompt file with input images: the transformer's input is the one
+the diffusers pipeline builds; each group shares its prompt's image; rollout shapes; rollout
 log-prob == training-time log-prob (ratio exactly 1); one update lowers the surrogate loss; the
 saved weights (full and LoRA) load back into the diffusers pipeline."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
-from helpers.tiny_i2v import make_skyreels_i2v, write_image_prompts, write_images  # noqa: E402
+from helpers.tiny_i2v import make_skyreels_i2v, make_wan_i2v, write_image_prompts, write_images  # noqa: E402
 from helpers.tiny_models import write_prompts  # noqa: E402
 
 from dancegrpo_fast import ops  # noqa: E402
@@ -25,9 +25,37 @@ from dancegrpo_fast.train import Trainer  # noqa: E402
 CAPTIONS = ["a red cat", "a blue dog", "a green tree", "a small house"]
 
 
+# Per family: the sampler settings of the tests (the published ones' shape: SkyReels CFG 6 with the
+# guidance embedding at 1, shift 7; Wan CFG 5), the rollout's model timesteps (DanceGRPO's
+# int(sigma * 1000) / 1000 of the shifted sigmas shift s / (1 + (shift - 1) s), times 1000), the
+# diffusers classes, the transformer's input channels, and the image conditioning's shapes per prompt.
+FAMILIES = {
+    "skyreels_i2v": dict(settings=dict(shift=7.0, guidance_scale=1.0, cfg_scale=6.0),
+                         timesteps=[1000.0, 954.0, 875.0, 700.0], pipeline="HunyuanSkyreelsImageToVideoPipeline",
+                         transformer="HunyuanVideoTransformer3DModel", in_channels=8,
+                         image_shapes={"image_latents": (4, 1, 4, 4)}),
+    "wan_i2v": dict(settings=dict(shift=3.0, cfg_scale=5.0), timesteps=[1000.0, 900.0, 750.0, 500.0],
+                    pipeline="WanImageToVideoPipeline", transformer="WanTransformer3DModel", in_channels=12,
+                    image_shapes={"image_condition": (8, 2, 4, 4), "image_embeds": (17, 32)}),
+}
+BUILDERS = {"skyreels_i2v": make_skyreels_i2v, "wan_i2v": make_wan_i2v}
+
+
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_skyreels_i2v(tmp_path_factory.mktemp("skyreels") / "model")
+def folders(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = BUILDERS[family](tmp_path_factory.mktemp(family) / "model")
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def folder(folders):
+    return folders("skyreels_i2v")
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +74,14 @@ def brightness(videos, prompts):
     return videos.float().mean(dim=tuple(range(1, videos.dim())))
 
 
-def make_config(folder, prompt_file, tmp_path, **overrides) -> TrainConfig:
-    values = dict(model_family="skyreels_i2v", model_path=str(folder), prompt_file=str(prompt_file),
+def make_config(folder, prompt_file, tmp_path, family="skyreels_i2v", **overrides) -> TrainConfig:
+    values = dict(model_family=family, model_path=str(folder), prompt_file=str(prompt_file),
                   output_dir=str(tmp_path / "out"), height=16, width=16, num_frames=5, num_steps=4, group_size=2,
                   prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2, gradient_accumulation_steps=2,
                   timestep_fraction=1.0, max_sequence_length=16, lr=1e-4, clip_range=10.0, num_iterations=1,
                   progress_bar=False, tensorboard=False, mixed_precision="no", seed=3, sampler="dance", eta=0.3,
-                  shift=7.0, guidance_scale=1.0, cfg_scale=6.0, negative_prompt="dark blur")
+                  negative_prompt="dark blur")
+    values.update(FAMILIES[family]["settings"])
     values.update(overrides)
     return TrainConfig.from_dict(values)
 
@@ -76,8 +105,13 @@ def _parameters(policy):
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
-def test_i2v_rollout_ratio_update_and_saved_weights(folder, prompt_file, tmp_path, use_lora):
-    config = make_config(folder, prompt_file, tmp_path, use_lora=use_lora, lora_rank=4, lora_alpha=4.0,
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_i2v_rollout_ratio_update_and_saved_weights(folders, prompt_file, tmp_path, family, use_lora):
+    import diffusers
+
+    expected = FAMILIES[family]
+    folder = folders(family)
+    config = make_config(folder, prompt_file, tmp_path, family, use_lora=use_lora, lora_rank=4, lora_alpha=4.0,
                          lora_target_modules=["to_q", "to_k", "to_v"])
     scored = []
 
@@ -94,8 +128,7 @@ def test_i2v_rollout_ratio_update_and_saved_weights(folder, prompt_file, tmp_pat
     assert trajectory.latents.shape == (4, 5, 4, 2, 4, 4)
     assert trajectory.log_probs.shape == (4, 4)
     assert torch.isfinite(trajectory.log_probs).all()
-    # DanceGRPO's int(sigma * 1000) / 1000 of the shifted sigmas (shift 7: 7 s / (1 + 6 s)), times 1000.
-    assert torch.allclose(trajectory.timesteps, torch.tensor([1.0, 0.954, 0.875, 0.7], dtype=torch.float64) * 1000)
+    assert torch.allclose(trajectory.timesteps, torch.tensor(expected["timesteps"], dtype=torch.float64))
     # Rewards saw videos (B, T, 3, H, W) in [0, 1], as from the T2V families.
     assert scored and all(shape[1:] == (5, 3, 16, 16) for shape in scored)
     assert sum(shape[0] for shape in scored) == 4
@@ -105,10 +138,12 @@ def test_i2v_rollout_ratio_update_and_saved_weights(folder, prompt_file, tmp_pat
     # The G = 2 samples of a prompt share its initial noise and its image latents; prompts differ.
     assert torch.equal(trajectory.latents[0, 0], trajectory.latents[1, 0])
     cond = policy.encode(trajectory.prompts)
-    image = cond["image_latents"][trajectory.prompt_rows]
-    assert image.shape == (4, 4, 1, 4, 4)
-    assert torch.equal(image[0], image[1]) and torch.equal(image[2], image[3])
-    assert not torch.equal(image[0], image[2])
+    assert set(policy.image_keys) == set(expected["image_shapes"])
+    for key, shape in expected["image_shapes"].items():
+        image = cond[key][trajectory.prompt_rows]
+        assert image.shape == (4,) + shape
+        assert torch.equal(image[0], image[1]) and torch.equal(image[2], image[3])
+        assert not torch.equal(image[0], image[2])
 
     # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
     all_steps = torch.arange(4).repeat(4, 1)
@@ -132,22 +167,32 @@ def test_i2v_rollout_ratio_update_and_saved_weights(folder, prompt_file, tmp_pat
     ratio = torch.exp(after_lp - before_lp)
     assert -(advantages[:, None] * ratio).mean() < -(advantages[:, None] * torch.ones_like(ratio)).mean()
 
-    # The checkpoint loads back into diffusers' HunyuanSkyreelsImageToVideoPipeline.
-    from diffusers import HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoTransformer3DModel
-
+    # The checkpoint loads back into the diffusers pipeline.
+    pipeline_class = getattr(diffusers, expected["pipeline"])
+    transformer_class = getattr(diffusers, expected["transformer"])
     checkpoint = trainer.save()
     if use_lora:
-        pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(str(folder))
+        pipe = pipeline_class.from_pretrained(str(folder))
         pipe.load_lora_weights(str(checkpoint / "model"))
-        loaded = sorted(torch.cat([v.flatten() for k, v in pipe.transformer.state_dict().items() if "lora" in k]).tolist())
-        trained = sorted(torch.cat([v.flatten() for k, v in policy.model.state_dict().items() if "lora" in k]).tolist())
-        assert loaded == trained
+        loaded, trained = _lora_weights(pipe.transformer), _lora_weights(policy.model)
+        assert trained and set(trained) <= set(loaded) and all(torch.equal(loaded[k], v) for k, v in trained.items())
+        # diffusers' Wan loader gives a LoRA without the image cross-attention's add_k/add_v
+        # projections zero adapters there (no effect); nothing else is added.
+        extra = set(loaded) - set(trained)
+        assert all(("add_k_proj" in k or "add_v_proj" in k) and not loaded[k].any() for k in extra)
     else:
-        loaded = HunyuanVideoTransformer3DModel.from_pretrained(str(checkpoint / "model" / "transformer"))
+        loaded = transformer_class.from_pretrained(str(checkpoint / "model" / "transformer"))
         trained = policy.model.state_dict()
         assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
-        pipe = HunyuanSkyreelsImageToVideoPipeline.from_pretrained(str(folder), transformer=loaded)
-        assert pipe.transformer.config.in_channels == 8
+        pipe = pipeline_class.from_pretrained(str(folder), transformer=loaded)
+        assert pipe.transformer.config.in_channels == expected["in_channels"]
+
+
+def _lora_weights(model):
+    """{parameter name without the adapter's name: value} of the LoRA parameters."""
+    import re
+
+    return {re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", k): v for k, v in model.state_dict().items() if "lora" in k}
 
 
 def _capture_transformer_inputs(transformer):
@@ -201,6 +246,50 @@ def test_model_input_is_the_pipelines(folder, tmp_path, monkeypatch):
     assert hidden[4:, 0].abs().sum() > 0 and torch.equal(hidden[4:, 1:], torch.zeros_like(hidden[4:, 1:]))
 
 
+
+def test_wan_model_input_is_the_pipelines(folders, tmp_path, monkeypatch):
+    """wan_i2v: the transformer's input equals WanImageToVideoPipeline's for the same image, prompt
+    and x_T: [noisy latents, the 4-channel mask, the normalised condition latents of the image
+    followed by black frames] on the channels, the CLIP image tokens, the text; CFG's unconditional
+    half keeps the image. (The pipeline's prompt cleaning needs ftfy, absent here: an identity
+    stands in, which is what ftfy does to plain ASCII text.)"""
+    from types import SimpleNamespace
+
+    import diffusers.pipelines.wan.pipeline_wan_i2v as wan_i2v_module
+    from PIL import Image
+
+    from dancegrpo_fast.policies import build_policy
+
+    rng = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    image.save(tmp_path / "im.png")
+    prompt = ImagePrompt("a red cat", str(tmp_path / "im.png"))
+    config = make_config(folders("wan_i2v"), write_prompts(tmp_path / "p.txt"), tmp_path, "wan_i2v")
+    policy = build_policy(config.model, config.sampler)
+    x = torch.randn((1,) + policy.latent_shape(), generator=rng)
+
+    monkeypatch.setattr(wan_i2v_module, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False)
+    seen = []
+    keys = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_image")
+    handle = policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append({k: kwargs[k].detach().clone() for k in keys}), with_kwargs=True)
+    try:
+        policy.pipe(image=image, prompt="a red cat", negative_prompt="dark blur", height=16, width=16, num_frames=5,
+                    num_inference_steps=1, guidance_scale=5.0, latents=x.clone(), max_sequence_length=16,
+                    output_type="latent")
+        policy.predict(x, torch.zeros(1, dtype=torch.int64), policy.encode([prompt]), policy.schedule())
+    finally:
+        handle.remove()
+    pipe_text, pipe_negative, ours = seen
+    assert ours["hidden_states"].shape == (2, 12, 2, 4, 4) and ours["encoder_hidden_states_image"].shape == (2, 17, 32)
+    for half, reference in ((1, pipe_text), (0, pipe_negative)):
+        for key in keys:
+            assert torch.allclose(ours[key][half], reference[key][0], atol=1e-6), key
+    hidden = ours["hidden_states"][1]
+    assert torch.equal(hidden[:4], x[0])
+    assert torch.equal(hidden[4:8, 0], torch.ones_like(hidden[4:8, 0])) and not hidden[4:8, 1:].any()  # the mask
+
+
 def test_images_are_cropped_to_the_aspect_not_squashed(folder, tmp_path):
     """A 32x16 (wide) image for a 16x16 video: its centre 16x16 square is encoded, as SkyReels'
     own resize-crop does, not the whole image squeezed."""
@@ -239,9 +328,10 @@ def test_the_cache_tells_apart_images_of_one_caption(folder, prompt_file, tmp_pa
     assert all(torch.equal(cond[k], again[k]) for k in cond)
 
 
-def test_prompts_without_images_stop_with_a_clear_error(folder, tmp_path):
-    config = make_config(folder, write_prompts(tmp_path / "p.txt"), tmp_path)
-    with pytest.raises(ValueError, match=r"model_family 'skyreels_i2v' generates a video from an input image.*\.jsonl"):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompts_without_images_stop_with_a_clear_error(folders, tmp_path, family):
+    config = make_config(folders(family), write_prompts(tmp_path / "p.txt"), tmp_path, family)
+    with pytest.raises(ValueError, match=rf"model_family '{family}' generates a video from an input image.*\.jsonl"):
         Trainer(config, rewards={"brightness": (brightness, 1.0)}).collect()
 
 
