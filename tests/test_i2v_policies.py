@@ -380,3 +380,19 @@ def test_a_run_with_held_out_image_prompts_evaluates_and_resumes(folder, prompt_
                       rewards={"brightness": (brightness, 1.0)})
     assert resumed.iteration == 1 and resumed.prompts.position == 2
     assert [r["iteration"] for r in resumed.train()] == [2]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_text_prompt_encodes_on_the_meta_device(folders, tmp_path, family):
+    """On the meta device (the plan's dry run, which has no image) a text prompt encodes as if it
+    came with an image of the configured size, with the shapes a real image gives, and the CFG
+    model call runs."""
+    from dancegrpo_fast.policies import build_policy
+
+    config = make_config(folders(family), write_prompts(tmp_path / "p.txt"), tmp_path, family)
+    policy = build_policy(config.model, config.sampler, "meta")
+    cond = policy.encode(["a red cat"])
+    for key, shape in FAMILIES[family]["image_shapes"].items():
+        assert cond[key].shape == (1,) + shape and cond[key].device.type == "meta"
+    x = torch.empty((1,) + policy.latent_shape(), device="meta")
+    assert policy.predict(x, torch.zeros(1, dtype=torch.int64), cond, policy.schedule()).shape == x.shape
