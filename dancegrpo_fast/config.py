@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "tiny")
+FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "skyreels_i2v", "wan_i2v", "tiny")
 SAMPLERS = ("dance", "flow_grpo", "ddim")
 # diffusers' AttentionBackendName values (0.42), so that a config validates without importing
 # diffusers; a name only a newer diffusers knows is looked up there (attention_backends()).
@@ -123,7 +123,7 @@ class GRPOConfig:
 
 @dataclass
 class RolloutConfig:
-    prompt_file: str = _f("", "text file, one prompt per line (blank lines ignored)", path=True)
+    prompt_file: str = _f("", "text file, one prompt per line (blank lines ignored); or a .jsonl file, one {prompt, image} object per line (image-to-video)", path=True)
     prompts_per_rank: int = _f(1, "prompts per rank per iteration")
     batch_size: int = _f(4, "samples per forward pass in rollout", flat="rollout_batch_size")
     rewards: List[RewardSpec] = _f(list, "rewards as name:weight,name:weight (kwargs via YAML)")
@@ -152,7 +152,7 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    prompt_file: str = _f("", "held-out prompts for evaluation, one per line; empty = no evaluation", flat="eval_prompt_file", path=True)
+    prompt_file: str = _f("", "held-out prompts for evaluation, one per line (or .jsonl, as prompt_file); empty = no evaluation", flat="eval_prompt_file", path=True)
     every: int = _f(0, "evaluate on the held-out prompts every K iterations, before the first and after the last; 0 = never", flat="eval_every")
     num_prompts: int = _f(0, "evaluate on the first N held-out prompts; 0 = all", flat="eval_num_prompts")
     samples_per_prompt: int = _f(1, "samples per held-out prompt at each evaluation", flat="eval_samples_per_prompt")

@@ -51,7 +51,8 @@ from .policies import ModelLoadError
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 # The architecture planned for each family unless --architecture or --model_path says otherwise.
 DEFAULT_ARCHITECTURE = {"flux": "flux1_dev", "hunyuan_video": "hunyuan_video_t2v", "sd": "sd14",
-                        "wan": "wan21_t2v_1_3b", "sd3": "sd35_medium", "tiny": None}
+                        "wan": "wan21_t2v_1_3b", "sd3": "sd35_medium", "skyreels_i2v": "skyreels_v1_hunyuan_i2v",
+                        "tiny": None}
 GIB = 2 ** 30
 MIB = 2 ** 20
 

@@ -12,6 +12,8 @@ POLICIES = {
     "sd": ("dancegrpo_fast.policies.sd", "SDPolicy"),
     "hunyuan_video": ("dancegrpo_fast.policies.hunyuan_video", "HunyuanVideoPolicy"),
     "wan": ("dancegrpo_fast.policies.wan", "WanPolicy"),
+    "skyreels_i2v": ("dancegrpo_fast.policies.skyreels_i2v", "SkyReelsI2VPolicy"),
+    "wan_i2v": ("dancegrpo_fast.policies.wan_i2v", "WanI2VPolicy"),
     # The built-in tiny task keeps its policy with the rest of the task.
     "tiny": ("dancegrpo_fast.tiny.policy", "TinyPolicy"),
 }

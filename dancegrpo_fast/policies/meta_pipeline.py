@@ -168,7 +168,8 @@ def cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def build_meta_pipeline(pipeline_class, folder, dtype: torch.dtype, index: Dict):
     """`pipeline_class` with every component of `folder` built from its config on the meta device
-    (schedulers are plain objects, built for real from their configs; tokenizers are MetaTokenizers).
+    (schedulers and image processors are plain objects, built for real from their configs; tokenizers
+    are MetaTokenizers).
     Keys of model_index.json that are not components and that the pipeline's __init__ accepts
     (e.g. requires_safety_checker, image_size) are passed through, as from_pretrained does."""
     folder = Path(folder)
@@ -186,9 +187,11 @@ def build_meta_pipeline(pipeline_class, folder, dtype: torch.dtype, index: Dict)
             kwargs[name] = _build_module(cls, folder / name, dtype)
         elif hasattr(cls, "from_config"):  # schedulers: no tensors worth counting
             kwargs[name] = cls.from_config(cls.load_config(str(folder / name)))
+        elif "ImageProcessor" in class_name:  # settings only (Wan I2V's CLIP image processor): loaded as is
+            kwargs[name] = cls.from_pretrained(str(folder / name))
         else:
             raise ValueError(f"component {name!r} of {str(folder)!r} is a {class_name}, which cannot be built on the "
-                             f"meta device (not a torch module, a scheduler or a tokenizer)")
+                             f"meta device (not a torch module, a scheduler, a tokenizer or an image processor)")
     for key, value in index.items():
         if not key.startswith("_") and not isinstance(value, list) and key in parameters:
             kwargs[key] = value
