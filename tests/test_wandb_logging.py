@@ -134,3 +134,22 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     assert resumed.run.id == run_id
     resumed.close()
     assert wandb.run is None
+
+
+def test_tensorboard_gets_the_scalars_and_pictures(tmp_path):
+    """TensorBoard (installed by the train extra) receives the same rows and pictures."""
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    picture = tmp_path / "grid.png"
+    Image.new("RGB", (8, 6), "blue").save(picture)
+    logger = MetricsLogger(tmp_path)
+    assert logger.writer is not None
+    logger.log({"iteration": 1, "loss": 0.5, "reward/r/mean": 0.25})
+    logger.log_image("samples", picture, 1)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+    (image,) = events.Images("samples")
+    assert (image.step, image.width, image.height) == (1, 8, 6)
