@@ -12,6 +12,9 @@ the parameters are still the ones that sampled:
 The rollout's own log-probs (batched differently, without grad) are kept for diagnostics: the
 logged `log_prob_gap` is their largest difference from the training-time values.
 
+The samples trained are those `training_order` lists: all of the trajectory's, or with bestofn
+only the kept ones (the trainer selects them).
+
 Loss scale: each (micro-batch, timestep) loss is the mean over the micro-batch's samples of the
 clipped surrogate, multiplied by 1 / (gradient_accumulation_steps * T) before backward, so one
 optimizer step's gradient is the mean over its samples and their T trained timesteps.
