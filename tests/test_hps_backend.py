@@ -21,6 +21,7 @@ import torch
 
 from dancegrpo_fast.rewards import HPSv2Reward, OpenCLIPConfig, OpenCLIPModel, RewardSet
 from dancegrpo_fast.rewards.hps import open_clip_import_error, select_hps_backend
+from dancegrpo_fast.rewards.rule_based import FrameMeanReward
 from dancegrpo_fast.rewards.testing import write_tiny_clip_tokenizer, write_tiny_hps_checkpoint
 
 PROMPTS = ["the cat", "a red dog on the grass", "an oil painting of the sea"]
@@ -57,7 +58,9 @@ def test_auto_runs_the_builtin_model_where_open_clip_does_not_import(hps_files, 
         reward = HPSv2Reward(**hps_files)
     assert reward.backend == "builtin" and isinstance(reward.model, OpenCLIPModel)
     assert reward.describe()["backend"] == "builtin"
-    assert RewardSet.of({"hps": (reward, 1.0)}).describe() == ["hps:1 (builtin)"]  # the run's start block
+    # The run's start block, also through a wrapper such as frame_mean.
+    assert RewardSet.of({"hps": (reward, 1.0), "video": (FrameMeanReward(reward), 0.5)}).describe() == [
+        "hps:1 (builtin)", "video:0.5 (builtin)"]
     assert "runs on the built-in ViT model (open_clip does not import" in caplog.text
     with pytest.raises(ValueError, match="hps backend 'open_clip' asked for"):
         HPSv2Reward(**hps_files, backend="open_clip")

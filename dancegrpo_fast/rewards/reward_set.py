@@ -105,7 +105,10 @@ class RewardSet:
         open_clip or builtin) adds which one, e.g. "hps:1 (open_clip)"."""
         described = []
         for entry in self.entries:
-            backend = getattr(entry.function, "backend", None)
+            function = entry.function
+            while getattr(function, "backend", None) is None and getattr(function, "inner", None) is not None:
+                function = function.inner  # a wrapper (frame_mean, binary): the reward it wraps
+            backend = getattr(function, "backend", None)
             described.append(f"{entry.name}:{entry.weight:g}" + (f" ({backend})" if isinstance(backend, str) else ""))
         return described
 
