@@ -77,7 +77,6 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.writer = None
         if self.wandb is not None:
             self.wandb.close()
             self.wandb = None
