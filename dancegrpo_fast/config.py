@@ -48,6 +48,8 @@ def attention_backends(name: str = "") -> Tuple[str, ...]:
         names += tuple(b.value for b in AttentionBackendName if b.value not in names)
     return names
 
+KL_CONVENTIONS = ("exact", "flow_grpo")
+
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
     """A config field. flat: its flat name when it differs from the field name (the CLI alias and
@@ -118,6 +120,8 @@ class GRPOConfig:
     adv_clip_max: float = _f(5.0, "advantage clamp")
     advantage: str = _f("group", "group (per prompt) or global (all ranks' rewards)")
     kl_beta: float = _f(0.0, "KL weight to the reference policy (base model / LoRA disabled); 0 = off")
+    kl_convention: str = _f("exact", "the KL term weighted by kl_beta: exact (the KL between the two step Gaussians) or flow_grpo (that KL times the step's |dsigma|, Flow-GRPO's kl_loss, so its beta values carry over; rectified flows only)")
+    bestofn: int = _f(0, "train only k samples of each group, the k/2 with the highest and the k/2 with the lowest advantage (the reference's HunyuanVideo run keeps 8 of 24); k even, 2..group_size; 0 = every sample")
     max_skipped_group_fraction: float = _f(1.0, "stop the run with an error when at least this fraction of an iteration's groups (over all ranks) has a NaN/inf reward; fewer are skipped and counted. 1.0 = only when every group is unusable")
 
 
@@ -172,7 +176,10 @@ class RuntimeConfig:
     overwrite: bool = _f(False, "a fresh run into an output_dir that holds an earlier run's files (metrics, checkpoints, pictures) first removes them; without it such a run stops")
     resume: str = _f("", "'latest' (newest in output_dir; a fresh start when there is none), a checkpoint folder, or empty")
     sample_every: int = _f(0, "save a sample grid every K iterations; 0 = never")
-    tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
+    tensorboard: bool = _f(True, "also log to TensorBoard when it is installed (the train extra installs it)")
+    wandb: bool = _f(False, "also log to Weights & Biases (the wandb extra): scalars, sample and evaluation grids, the reward curve; WANDB_MODE=offline logs without an account")
+    wandb_project: str = _f("dancegrpo_fast", "wandb project")
+    wandb_run_name: str = _f("", "wandb run name; empty = the output folder's name")
     progress_bar: bool = _f(True, "show a tqdm progress bar (rank 0)")
     threads: int = _f(0, "torch intra-op threads, set when the trainer starts (tiny runs are fastest on 1); 0 = leave torch's default")
 
@@ -197,8 +204,13 @@ class TrainConfig:
         return int(len(self.sampler.trainable_steps()) * self.grpo.timestep_fraction)
 
     @property
+    def trained_samples_per_rank(self) -> int:
+        """The samples the update trains: all of them, or bestofn of each group."""
+        return self.rollout.prompts_per_rank * (self.grpo.bestofn or self.grpo.group_size)
+
+    @property
     def optimizer_steps_per_iteration(self) -> int:
-        return self.samples_per_rank // self.optim.batch_size // self.optim.gradient_accumulation_steps
+        return self.trained_samples_per_rank // self.optim.batch_size // self.optim.gradient_accumulation_steps
 
     # --- checks ------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -226,12 +238,21 @@ class TrainConfig:
         n = self.samples_per_rank
         need(n % r.batch_size == 0,
              f"rollout_batch_size={r.batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
-        need(n % o.batch_size == 0,
-             f"train_batch_size={o.batch_size} must divide the {n} samples per rank (prompts_per_rank * group_size)")
-        batches = n // o.batch_size
+        need(isinstance(g.bestofn, int) and not isinstance(g.bestofn, bool)
+             and (g.bestofn == 0 or (g.bestofn >= 2 and g.bestofn % 2 == 0 and g.bestofn <= g.group_size)),
+             f"bestofn must be 0 (train every sample) or an even number of samples kept per group in "
+             f"[2, group_size={g.group_size}], got {g.bestofn!r}")
+        # With bestofn the update trains only the kept samples: the micro-batches and gradient
+        # accumulation are counted over those.
+        trained = self.trained_samples_per_rank
+        what = "samples per rank (prompts_per_rank * group_size)" if not g.bestofn else \
+            "trained samples per rank (prompts_per_rank * bestofn)"
+        need(trained % o.batch_size == 0,
+             f"train_batch_size={o.batch_size} must divide the {trained} {what}")
+        batches = trained // o.batch_size
         need(batches % o.gradient_accumulation_steps == 0,
              f"gradient_accumulation_steps={o.gradient_accumulation_steps} must divide the {batches} training batches per rank "
-             f"({n} samples / train_batch_size {o.batch_size})")
+             f"({trained} {'trained ' if g.bestofn else ''}samples / train_batch_size {o.batch_size})")
         need(0 < g.timestep_fraction <= 1, f"timestep_fraction must lie in (0, 1], got {g.timestep_fraction!r}")
         need(sa.sde_window_start >= 0 and sa.sde_window_size >= 0
              and sa.sde_window_start + sa.sde_window_size <= sa.num_steps,
@@ -252,6 +273,9 @@ class TrainConfig:
         need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")
         need(sa.eta >= 0, f"eta must be >= 0, got {sa.eta!r}")
         need(g.kl_beta >= 0, f"kl_beta must be >= 0, got {g.kl_beta!r}")
+        need(g.kl_convention in KL_CONVENTIONS, f"kl_convention must be one of {KL_CONVENTIONS}, got {g.kl_convention!r}")
+        need(g.kl_convention != "flow_grpo" or sa.name != "ddim",
+             "kl_convention 'flow_grpo' scales the KL by a rectified flow's |dsigma|; sampler 'ddim' has none: use 'exact'")
         need(0 < g.max_skipped_group_fraction <= 1,
              f"max_skipped_group_fraction must lie in (0, 1] (the fraction of an iteration's groups with NaN/inf "
              f"rewards that stops the run), got {g.max_skipped_group_fraction!r}")

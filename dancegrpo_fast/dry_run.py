@@ -159,7 +159,8 @@ def one_step(schedule: StepSchedule, index: int) -> StepSchedule:
     """The schedule of step `index` alone (its timestep and coefficients as step 0)."""
     part = slice(index, index + 1)
     return StepSchedule(timesteps=schedule.timesteps[part], a=schedule.a[part], b=schedule.b[part],
-                        s=schedule.s[part], sde=schedule.sde[part])
+                        s=schedule.s[part], sde=schedule.sde[part],
+                        dsigma=None if schedule.dsigma is None else schedule.dsigma[part])
 
 
 def measure_rollout_step(policy: Policy, config: TrainConfig, schedule: StepSchedule) -> StepCost:

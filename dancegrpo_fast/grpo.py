@@ -130,6 +130,26 @@ def compute_advantages(scores: Mapping[str, Tensor], weights: Mapping[str, float
     return combine_advantages(per_reward, {n: weights[n] for n in names}), valid
 
 
+def best_of_n(advantages: Tensor, group_size: int, keep: int) -> Tensor:
+    """The samples the update trains under `bestofn` (SPEC 2 option, the reference's HunyuanVideo
+    trainer): in each group, the keep/2 samples with the lowest and the keep/2 with the highest
+    advantage, ranked on the advantages of the full group. Returns the kept sample indices (into
+    the batch), ascending. Ties rank by position (a stable sort), so the choice is reproducible.
+
+    The reference sorts the combined advantages of its one group per GPU and keeps
+    sorted[:k/2] and sorted[-k/2:]; this does the same within each group of the batch."""
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must have shape (B,), got {tuple(advantages.shape)}")
+    check_group_size(group_size, advantages.shape[0])
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 2 or keep % 2 or keep > group_size:
+        raise ValueError(f"bestofn must be an even number of samples in [2, group_size={group_size}], got {keep!r}")
+    order = torch.argsort(advantages.detach().cpu().view(-1, group_size), dim=1, stable=True)
+    half = keep // 2
+    kept = torch.cat([order[:, :half], order[:, group_size - half:]], dim=1)
+    starts = torch.arange(0, advantages.shape[0], group_size).unsqueeze(1)
+    return (kept + starts).flatten().sort().values
+
+
 def _check_loss_inputs(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor,
                        clip_range: float, adv_clip_max: float) -> None:
     if log_prob.dim() != 1:
@@ -167,3 +187,11 @@ def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     diff = mean.to(torch.float32) - ref_mean.to(torch.float32)
     sq = (diff**2).flatten(1).mean(dim=1)
     return sq / (2.0 * std.to(torch.float32) ** 2)
+
+
+def step_kl(model_output: Tensor, ref_model_output: Tensor, b: Tensor, s: Tensor) -> Tensor:
+    """The exact KL of two steps that share a x and s, from the model outputs: the means differ
+    by b (v - v_ref), so KL = b^2 mean_N((v - v_ref)^2) / (2 s^2). (B,) float32, differentiable
+    w.r.t. model_output (the reference output is a constant)."""
+    diff = (model_output.to(torch.float32) - ref_model_output.detach().to(torch.float32)).flatten(1)
+    return b.to(torch.float32) ** 2 * (diff**2).mean(dim=1) / (2.0 * s.to(torch.float32) ** 2)

@@ -12,12 +12,15 @@ import torch
 
 
 class MetricsLogger:
-    """Appends one JSON object per iteration to output_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per iteration to output_dir/metrics.jsonl (rank 0 only), and
+    forwards the rows and the run's pictures to TensorBoard (when installed) and to `wandb` (a
+    wandb_logging.WandbLogger, or None)."""
 
-    def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir, enabled: bool = True, tensorboard: bool = True, wandb=None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
+        self.wandb = wandb if enabled else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
@@ -53,10 +56,30 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iteration":
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def log_image(self, key: str, path, step: int) -> None:
+        """A picture the run wrote (sample grid, evaluation grid, reward curve) under `key`."""
+        if not self.enabled or not Path(path).is_file():
+            return
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(key, pixels, step, dataformats="HWC")
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log_image(key, path, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def upscale_nearest(images: torch.Tensor, min_size: int) -> torch.Tensor:

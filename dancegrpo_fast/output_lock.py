@@ -161,7 +161,7 @@ def lock_output_dir(output_dir, state: DistributedState) -> Optional[OutputDirLo
 # What a run writes into its output folder (train.lock aside): the files a new run would mix with
 # an earlier run's, and all that --overwrite removes (nothing else in the folder is touched).
 RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", "samples", "tensorboard", "reward_curve.png",
-             "before_after.png", "export")
+             "before_after.png", "export", "wandb", "wandb_run_id")
 
 
 def claim_output_dir(output_dir, overwrite: bool, resume_asked: bool, state: DistributedState) -> None:

@@ -207,7 +207,8 @@ class TimePlan:
 def time_plan(dry, run, config, gpu: Gpu, mfu: float) -> TimePlan:
     samples = config.samples_per_rank
     rollout_calls = samples // config.rollout.batch_size
-    micro_batches = samples // config.optim.batch_size
+    trained_samples = config.trained_samples_per_rank  # all, or bestofn of each group
+    micro_batches = trained_samples // config.optim.batch_size
     trained = config.trained_timesteps()
     train = run.train_steps[config.model.gradient_checkpointing]
     optimizer_steps = micro_batches // config.optim.gradient_accumulation_steps
@@ -222,7 +223,7 @@ def time_plan(dry, run, config, gpu: Gpu, mfu: float) -> TimePlan:
                  + (old_log_prob_passes + reference_passes) * train.flops_forward)
     # The reference code's loop: one sample per call, the rollout's log-probs as the old ones (no
     # extra pass), no KL. The measured FLOPs are per batch; per sample they are the same.
-    reference = dict(common, update=samples * trained * train.flops // config.optim.batch_size)
+    reference = dict(common, update=trained_samples * trained * train.flops // config.optim.batch_size)
     return TimePlan(flops=flops, rate=gpu.bf16_flops * mfu, reference_flops=reference)
 
 
@@ -465,7 +466,7 @@ def format_table(plan: Plan) -> str:
         compute(f"rollout: {c.samples_per_rank} x {c.sampler.num_steps} forwards{cfg}", "rollout"),
         compute(f"decode: {c.samples_per_rank} samples", "decode"),
         compute(f"text encoding: {c.rollout.prompts_per_rank} prompt(s)", "encode"),
-        compute(f"update: {c.samples_per_rank} x {c.trained_timesteps()} x (fwd+bwd{recompute})", "update"),
+        compute(f"update: {c.trained_samples_per_rank} x {c.trained_timesteps()} x (fwd+bwd{recompute})", "update"),
         compute("iteration"),
         f"  one training step ({train.batch} sample(s)): forward {train.flops_forward / 1e12:.1f} TFLOP, backward "
         f"{train.flops_backward / 1e12:.1f} TFLOP; one rollout step ({run.rollout_step.batch}): "

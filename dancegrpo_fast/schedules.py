@@ -8,7 +8,7 @@ for rectified flows (DanceGRPO's and Flow-GRPO's SDEs, ODE steps outside an SDE 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ class StepSchedule:
     timesteps: (S,) float64, the timestep the model receives at each step, in its own units.
     a, b, s: (S,) float32 affine-Gaussian coefficients (s == 0 for ODE steps).
     sde: (S,) bool, the stochastic (trainable) steps.
+    dsigma: (S,) float64 |sigma_i - sigma_{i+1}| of a rectified flow's steps (the KL weight of
+        kl_convention flow_grpo); None for DDIM.
     """
 
     timesteps: Tensor
@@ -31,6 +33,7 @@ class StepSchedule:
     b: Tensor
     s: Tensor
     sde: Tensor
+    dsigma: Optional[Tensor] = None
 
     @property
     def num_steps(self) -> int:
@@ -42,6 +45,19 @@ class StepSchedule:
         # Built on the CPU first, so that whether the step is stochastic is known without a
         # device sync (StepCoefficients carries it through .to()).
         return StepCoefficients(self.a[step_index], self.b[step_index], self.s[step_index]).to(device)
+
+    def kl_weight(self, step_index: Tensor, convention: str, device) -> Tensor:
+        """(B,) float32 factor of each sample's exact step KL in the loss: 1 for "exact",
+        the step's |dsigma| for "flow_grpo" (Flow-GRPO's kl_loss divides by its noise scale
+        without the sqrt(|dsigma|) of s, so it is the exact KL times |dsigma|)."""
+        if convention == "exact":
+            return torch.ones(step_index.shape[0], dtype=torch.float32, device=device)
+        if convention != "flow_grpo":
+            raise ValueError(f"kl_convention must be 'exact' or 'flow_grpo', got {convention!r}")
+        if self.dsigma is None:
+            raise ValueError("kl_convention 'flow_grpo' needs a rectified-flow schedule (|dsigma| per step); "
+                             "this schedule (DDIM) has none: use 'exact'")
+        return self.dsigma[step_index.cpu()].to(device=device, dtype=torch.float32)
 
     def model_timesteps(self, step_index: Tensor, device, dtype=torch.float32) -> Tensor:
         return self.timesteps[step_index.cpu()].to(device=device, dtype=dtype)
@@ -75,12 +91,17 @@ def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_st
         raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
     timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
                              dtype=torch.float64)
-    return StepSchedule(timesteps, a, b, s, sde)
+    return StepSchedule(timesteps, a, b, s, sde, dsigma=sigmas[:-1] - sigmas[1:])
 
 
 def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
     """DDIM with eta (SPEC 1c) from a diffusers DDIMScheduler's alphas_cumprod: step i goes from
-    t_i to t_i - num_train_timesteps // S. Steps outside the SDE window use eta 0 (deterministic)."""
+    t_i to max(t_i - num_train_timesteps // S, 0). Steps outside the SDE window use eta 0
+    (deterministic).
+
+    The previous timestep is clamped at 0, as DanceGRPO's (and DDPO's) ddim_step_with_logprob
+    does, so the scheduler's final_alpha_cumprod is never used: with set_alpha_to_one=True it is
+    1, which would make the last step deterministic (s = 0) and leave it without a log-prob."""
     if getattr(scheduler.config, "clip_sample", False):
         raise ValueError("the scheduler has clip_sample=True, which makes the DDIM step non-affine; "
                          "set clip_sample to false in scheduler/scheduler_config.json")
@@ -90,19 +111,19 @@ def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int
     scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.to(torch.int64)
     alphas = scheduler.alphas_cumprod.to(torch.float64)
-    final = float(scheduler.final_alpha_cumprod)
     stride = scheduler.config.num_train_timesteps // num_steps
     sde = torch.zeros(num_steps, dtype=torch.bool)
     sde[list(sde_steps)] = True
     rows = []
     for i, t in enumerate(timesteps.tolist()):
-        prev_t = t - stride
-        alpha_bar_prev = float(alphas[prev_t]) if prev_t >= 0 else final
+        prev_t = max(t - stride, 0)
+        alpha_bar_prev = float(alphas[prev_t])
         rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
     a, b, s = _stack(rows)
     if (s[sde] <= 0).any():
         bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
-        raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: their two alphas coincide, e.g. "
-                         f"steps_offset=0 with set_alpha_to_one=False at t = 0); shrink the SDE window "
-                         f"or fix the scheduler config")
+        raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: the step goes from t = 0 to the clamped "
+                         f"previous timestep 0, whose alphas coincide; the scheduler's steps_offset=0 puts the last "
+                         f"step at t = 0): set steps_offset to 1 in scheduler/scheduler_config.json (as SD 1.x "
+                         f"ships it) or end the SDE window before that step")
     return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)

@@ -354,8 +354,8 @@ def ddim_step(model_output: Tensor, latents: Tensor, alpha_bar: ScalarOrTensor,
               generator: Optional[torch.Generator] = None) -> SDEStepOutput:
     """DDIM step with eta (SPEC 1c); model_output is the predicted noise (epsilon).
 
-    alpha_bar = alphas_cumprod[t]; alpha_bar_prev = alphas_cumprod[t - 1000 // S], or the
-    scheduler's final_alpha_cumprod when that index is negative.
+    alpha_bar = alphas_cumprod[t]; alpha_bar_prev = alphas_cumprod[max(t - 1000 // S, 0)] (the
+    previous timestep clamped at 0, as DanceGRPO does; schedules.ddim_schedule).
     """
     check_step_shapes(model_output, latents, prev_sample)
     _check_nonnegative(eta, "eta")

@@ -27,8 +27,9 @@ from .config import TrainConfig, config_to_yaml, parse_config, resumed_config
 from .distributed import DistributedState, all_gather, all_reduce_sum, cleanup, init_distributed
 from .evaluator import Evaluator
 from .export import export_checkpoint
-from .grpo import compute_advantages, too_many_unusable
+from .grpo import best_of_n, compute_advantages, too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
+from .wandb_logging import WandbLogger
 from .model_setup import TrainingSetup
 from .noise import mix_seed, prompt_seeds, sample_seeds
 from .output_lock import claim_output_dir, lock_output_dir
@@ -76,7 +77,11 @@ class Trainer:
                                    c.model.mixed_precision, output_dir, self.state)
         self.iteration = 0
         self.skipped_groups_total = 0
-        self.logger = MetricsLogger(output_dir, enabled=self.state.is_main, tensorboard=c.runtime.tensorboard)
+        wandb_run = (WandbLogger(output_dir, c.runtime.wandb_project, c.runtime.wandb_run_name, c.to_dict(),
+                                 resume=resume_path is not None)
+                     if c.runtime.wandb and self.state.is_main else None)
+        self.logger = MetricsLogger(output_dir, enabled=self.state.is_main, tensorboard=c.runtime.tensorboard,
+                                    wandb=wandb_run)
         self._reward_pool: Optional[AsyncRewardPool] = None
         self.stop = StopOnSignal()  # SIGTERM/SIGINT: stop after the current iteration, with a checkpoint
         self.deferred_export: Optional[Path] = None  # set by _export under torchrun; main() runs it after cleanup
@@ -106,10 +111,19 @@ class Trainer:
             row.update(self._evaluate())  # after the update, in this iteration's row
         self.logger.log(row)
         if "seconds_eval" in row:
-            self.evaluator.write_reward_curve(self.logger.path)
+            self._evaluation_pictures()
         if c.runtime.sample_every and self.iteration % c.runtime.sample_every == 0 and s.is_main:
-            save_sample_grid(samples, Path(c.runtime.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
+            path = save_sample_grid(samples, Path(c.runtime.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
+            self.logger.log_image("samples", path, self.iteration)
         return row
+
+    def _evaluation_pictures(self) -> None:
+        """Redraw the reward curve; hand it and this evaluation's grid to TensorBoard/wandb."""
+        curve = self.evaluator.write_reward_curve(self.logger.path)
+        grid = Path(self.config.runtime.output_dir) / "samples" / f"eval_iter_{self.iteration:06d}.png"
+        self.logger.log_image("eval/samples", grid, self.iteration)
+        if curve is not None:
+            self.logger.log_image("eval/reward_curve", curve, self.iteration)
 
     def collect(self, on_batch=None) -> Trajectory:
         """Rollout of this rank's prompts for the current iteration (on_batch: see rollout)."""
@@ -180,12 +194,16 @@ class Trainer:
 
     def update(self, trajectory: Trajectory, advantages: Tensor, training_order: Optional[Tensor] = None) -> UpdateStats:
         """The GRPO update on one trajectory (update.GRPOUpdate), with this iteration's per-sample
-        timestep subsets and micro-batch order."""
+        timestep subsets and micro-batch order. The order lists the samples trained: every
+        sample, or with bestofn only the kept ones (grpo.best_of_n on the full groups'
+        advantages), shuffled."""
         c = self.config
         steps = self.trained_steps(trajectory)
         if training_order is None:
+            rows = (best_of_n(advantages, c.grpo.group_size, c.grpo.bestofn) if c.grpo.bestofn
+                    else torch.arange(trajectory.batch_size))
             generator = torch.Generator().manual_seed(mix_seed(c.runtime.seed, self.iteration, 3, self.state.rank))
-            training_order = torch.randperm(trajectory.batch_size, generator=generator)
+            training_order = rows[torch.randperm(rows.numel(), generator=generator)]
         return self.updater(trajectory, advantages, steps, training_order)
 
     def trained_steps(self, trajectory: Trajectory) -> Tensor:
@@ -271,7 +289,9 @@ class Trainer:
                 if self.iteration > first_iteration and self.evaluator.enabled:
                     if self.evaluator.last_iteration != self.iteration:
                         rows.append(self._log_evaluation())  # stopped early: the last iteration was not evaluated
-                    self.evaluator.write_before_after()
+                    before_after = self.evaluator.write_before_after()
+                    if before_after is not None:
+                        self.logger.log_image("eval/before_after", before_after, self.iteration)
                     self.evaluator.write_reward_curve(self.logger.path)
                 if self.iteration >= rt.num_iterations and self.iteration > first_iteration:
                     self._export(last_checkpoint)
@@ -326,7 +346,7 @@ class Trainer:
     def _log_evaluation(self) -> Dict:
         row = {"iteration": self.iteration, **self._evaluate()}
         self.logger.log(row)
-        self.evaluator.write_reward_curve(self.logger.path)
+        self._evaluation_pictures()
         return row
 
 

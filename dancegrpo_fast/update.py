@@ -12,6 +12,9 @@ the parameters are still the ones that sampled:
 The rollout's own log-probs (batched differently, without grad) are kept for diagnostics: the
 logged `log_prob_gap` is their largest difference from the training-time values.
 
+The samples trained are those `training_order` lists: all of the trajectory's, or with bestofn
+only the kept ones (the trainer selects them).
+
 Loss scale: each (micro-batch, timestep) loss is the mean over the micro-batch's samples of the
 clipped surrogate, multiplied by 1 / (gradient_accumulation_steps * T) before backward, so one
 optimizer step's gradient is the mean over its samples and their T trained timesteps.
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import GRPOConfig, OptimConfig
 from .distributed import gradient_sync
+from .grpo import step_kl
 from .noise import mix_seed
 from .policies.base import Policy
 from .rollout import autocast_context
@@ -142,13 +146,25 @@ class GRPOUpdate:
                         # Before the first optimizer step the sampling policy is the one being
                         # trained: old_log_prob=None makes the op use its own log-prob (ratio 1).
                         old = None if group_index == 0 else old_log_probs[device_rows, j]
-                        out = ops.fused_step_loss(v, x, x_next, coeffs, old, advantages[device_rows],
-                                                  clip_range=g.clip_range, adv_clip_max=g.adv_clip_max,
-                                                  ref_model_output=reference, kl_beta=g.kl_beta)
-                        (out.loss * scale).backward()
+                        if reference is not None and g.kl_convention != "exact":
+                            # The fused op weighs every sample's KL by one scalar; here each sample
+                            # has its own step's weight (|dsigma|, kl_convention flow_grpo), so
+                            # the KL term is added in PyTorch.
+                            out = ops.fused_step_loss(v, x, x_next, coeffs, old, advantages[device_rows],
+                                                      clip_range=g.clip_range, adv_clip_max=g.adv_clip_max)
+                            kl = self.schedule.kl_weight(step, g.kl_convention, self.device) * step_kl(
+                                v, reference, coeffs.b, coeffs.s)
+                            loss = out.loss + g.kl_beta * kl.mean()
+                            out.kl = kl.detach()
+                        else:
+                            out = ops.fused_step_loss(v, x, x_next, coeffs, old, advantages[device_rows],
+                                                      clip_range=g.clip_range, adv_clip_max=g.adv_clip_max,
+                                                      ref_model_output=reference, kl_beta=g.kl_beta)
+                            loss = out.loss
+                        (loss * scale).backward()
                         if group_index == 0:
                             old_log_probs[device_rows, j] = out.log_prob
-                    totals["loss"] += out.loss.detach() * scale
+                    totals["loss"] += loss.detach() * scale
                     totals["ratio"] += out.ratio.sum()
                     totals["clipped"] += out.clipped.sum()
                     totals["kl"] += out.kl.sum()
@@ -157,9 +173,11 @@ class GRPOUpdate:
             if group_index == 0:
                 first_step_dev = ratio_max_dev.clone()
             grad_norms.append(self.optimizer_step())
+        # Over the trained samples only (with bestofn the others have no training-time log-prob).
         at = trajectory.log_probs.device
-        rollout_lp = trajectory.log_probs[torch.arange(batch, device=at)[:, None], steps.to(at)]
-        gap = float((rollout_lp.to(self.device) - old_log_probs).abs().max())
+        trained = training_order.to(at)
+        rollout_lp = trajectory.log_probs[trained[:, None], steps.to(at)[trained]]
+        gap = float((rollout_lp.to(self.device) - old_log_probs[training_order.to(self.device)]).abs().max())
         n = max(n_trained, 1)
         return UpdateStats(loss=float(totals["loss"]) / len(groups), ratio_mean=float(totals["ratio"]) / n,
                            ratio_max_dev=float(ratio_max_dev), clip_fraction=float(totals["clipped"]) / n,

@@ -274,9 +274,14 @@ def test_every_preset_plans_at_full_size(plans, name):
     flops = report["flops_per_iteration"]
     assert flops["rollout"] > 0 and flops["update"] > flops["rollout"] / 10
     c = plan.config
-    # The update: samples x trained timesteps x one measured training step (forward + backward).
+    # The update: trained samples (all, or bestofn of each group) x trained timesteps x one
+    # measured training step (forward + backward), and the old log-prob forwards of the batches
+    # of every optimizer step after the first.
     train = plan.run.train_steps[c.model.gradient_checkpointing]
-    assert flops["update"] == c.samples_per_rank // c.optim.batch_size * c.trained_timesteps() * train.flops
+    later_steps = c.optimizer_steps_per_iteration - 1
+    assert flops["update"] == (c.trained_samples_per_rank // c.optim.batch_size * c.trained_timesteps() * train.flops
+                               + later_steps * c.optim.gradient_accumulation_steps * c.trained_timesteps()
+                               * train.flops_forward)
     assert train.flops_backward > train.flops_forward  # backward ~2x, more with recomputation
     memory = report["memory_bytes"]
     assert memory["peak"] == max(memory["phases"].values()) > 0

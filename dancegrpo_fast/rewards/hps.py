@@ -1,13 +1,22 @@
-"""HPS-v2.1 (Human Preference Score v2.1, Wu et al. 2023) as a reward, without open_clip.
+"""HPS-v2.1 (Human Preference Score v2.1, Wu et al. 2023) as a reward, on open_clip's model
+where open_clip imports and on a built-in copy of the architecture elsewhere.
 
 HPS-v2.1 is an open_clip ViT-H-14 fine-tuned on human preferences; its checkpoint
 `HPS_v2.1_compressed.pt` (huggingface.co/xswu/HPSv2) is `{"state_dict": <open_clip CLIP state
-dict>}`. open_clip needs torchvision, which is often unavailable or mismatched beside a given
-torch build, so this module implements the same architecture in plain PyTorch with state-dict
-keys identical to open_clip's (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.
-in_proj_weight`, `token_embedding.weight`, `text_projection`, `logit_scale`, ...), so the real
-checkpoint loads strictly into it. The score is the authors': the cosine similarity of the
-L2-normalised image and text embeddings (no logit scale), about 0.2-0.35 for real images.
+dict>}`. The model that scores (`backend`):
+
+- "open_clip": open_clip's own `CLIP`, the authors' code (needs open_clip_torch and a
+  torchvision built for the installed torch, as the CUDA builds of torch have);
+- "builtin": the same architecture in plain PyTorch, with state-dict keys identical to
+  open_clip's (`visual.conv1.weight`, `visual.transformer.resblocks.N.attn.in_proj_weight`,
+  `token_embedding.weight`, `text_projection`, `logit_scale`, ...; 686 for ViT-H-14), so the
+  real checkpoint loads strictly into it; for where open_clip does not import (torchvision
+  missing or built for another torch, e.g. beside a CPU torch);
+- "auto" (the default): open_clip when it imports, else builtin. Which one ran is logged when
+  the reward is built and is part of the reward's description in the run's start block.
+
+The score is the authors': the cosine similarity of the L2-normalised image and text embeddings
+(no logit scale), about 0.2-0.35 for real images.
 
 Preprocessing follows HPSv2's eval transform: resize the longest side to 224 (bicubic), pad to a
 square with black, normalise with OpenAI CLIP's mean/std.
@@ -21,6 +30,7 @@ The two give the same token ids for ordinary prompts (open_clip also runs ftfy/h
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -33,7 +43,12 @@ from .base import register_reward
 from .clip_models import ImageTextSimilarityReward, load_clip_tokenizer, read_state_dict, resolve_dtype
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
 
-__all__ = ["OpenCLIPConfig", "OpenCLIPModel", "HPSv2Reward", "load_open_clip_state_dict"]
+__all__ = ["OpenCLIPConfig", "OpenCLIPModel", "HPSv2Reward", "load_open_clip_state_dict", "HPS_BACKENDS",
+           "select_hps_backend"]
+
+logger = logging.getLogger(__name__)
+
+HPS_BACKENDS = ("auto", "open_clip", "builtin")
 
 
 @dataclass
@@ -227,10 +242,52 @@ def load_open_clip_state_dict(checkpoint_path: str, what: str = "HPS") -> Dict[s
     return {key: value for key, value in state.items() if key not in _IGNORED_KEYS}
 
 
-def build_open_clip_model(state: Mapping[str, torch.Tensor], config: OpenCLIPConfig, dtype: torch.dtype,
-                          source: str, what: str = "HPS") -> OpenCLIPModel:
-    """Build `config`'s architecture without allocating random weights and load `state` strictly,
-    with a clear error listing missing, unexpected and mis-shaped keys."""
+def open_clip_import_error() -> Optional[str]:
+    """None when open_clip imports (torchvision included), else why not."""
+    try:
+        import open_clip  # noqa: F401
+    except Exception as error:  # ImportError, or torchvision's operator errors beside another torch build
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def select_hps_backend(requested: str, import_error: Optional[str]) -> str:
+    """The model HPS runs on: "open_clip" or "builtin". requested: auto | open_clip | builtin;
+    import_error: why open_clip does not import (None: it does)."""
+    if requested not in HPS_BACKENDS:
+        raise ValueError(f"hps backend must be one of {HPS_BACKENDS}, got {requested!r}")
+    if requested == "builtin":
+        return "builtin"
+    if import_error is None:
+        return "open_clip"
+    if requested == "open_clip":
+        raise ValueError(f"hps backend 'open_clip' asked for, but open_clip does not import here ({import_error}); "
+                         f"install open_clip_torch with a torchvision matching torch, or use backend 'auto' or 'builtin'")
+    return "builtin"
+
+
+def build_open_clip_library_model(state: Mapping[str, torch.Tensor], config: OpenCLIPConfig, dtype: torch.dtype,
+                                  source: str, what: str = "HPS"):
+    """open_clip's own CLIP of `config`'s architecture with `state` loaded (checked first against
+    the built-in architecture, which has the same keys, for the same clear errors)."""
+    import open_clip
+
+    check_open_clip_state_dict(state, config, source, what)
+    spec = config.to_open_clip_dict()
+    model = open_clip.model.CLIP(embed_dim=spec["embed_dim"], vision_cfg=spec["vision_cfg"], text_cfg=spec["text_cfg"],
+                                 quick_gelu=spec["quick_gelu"])
+    result = model.load_state_dict(dict(state), strict=False)
+    missing = [key for key in result.missing_keys if key not in _IGNORED_KEYS]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{what} checkpoint {source} does not load into open_clip's CLIP: missing keys {missing[:6]}, "
+                         f"unexpected keys {list(result.unexpected_keys)[:6]}")
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def check_open_clip_state_dict(state: Mapping[str, torch.Tensor], config: OpenCLIPConfig, source: str,
+                               what: str = "HPS") -> OpenCLIPModel:
+    """A meta-device model of `config` after checking that `state` has exactly its keys and
+    shapes (an error listing missing, unexpected and mis-shaped keys otherwise)."""
     with torch.device("meta"):
         model = OpenCLIPModel(config)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
@@ -244,6 +301,14 @@ def build_open_clip_model(state: Mapping[str, torch.Tensor], config: OpenCLIPCon
             f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
             f"{len(mismatched)} shape mismatches {mismatched[:4]}"
         )
+    return model
+
+
+def build_open_clip_model(state: Mapping[str, torch.Tensor], config: OpenCLIPConfig, dtype: torch.dtype,
+                          source: str, what: str = "HPS") -> OpenCLIPModel:
+    """Build `config`'s architecture without allocating random weights and load `state` strictly,
+    with a clear error listing missing, unexpected and mis-shaped keys."""
+    model = check_open_clip_state_dict(state, config, source, what)
     model.load_state_dict({key: value.to(dtype) for key, value in state.items()}, strict=True, assign=True)
     model.register_buffer("attn_mask", model.build_attention_mask(), persistent=False)
     return model.eval().requires_grad_(False)
@@ -287,15 +352,19 @@ class HPSv2Reward(ImageTextSimilarityReward):
     checkpoint_path: HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt for v2.0);
     tokenizer_path: a CLIP tokenizer folder, e.g. the laion/CLIP-ViT-H-14-laion2B-s32B-b79K
     download (optional when open_clip imports); model_config: None for ViT-H-14, or an open_clip
-    model config (path to a JSON such as open_clip's ViT-H-14.json, a dict, or OpenCLIPConfig).
+    model config (path to a JSON such as open_clip's ViT-H-14.json, a dict, or OpenCLIPConfig);
+    backend: auto (open_clip's model when open_clip imports, else the built-in one), open_clip
+    or builtin (module docstring); `self.backend` says which one runs.
     """
 
     name = "hps"
 
     def __init__(self, checkpoint_path: str, tokenizer_path: Optional[str] = None,
                  model_config: Union[None, str, Mapping[str, Any], OpenCLIPConfig] = None,
-                 device="cpu", dtype="float32", batch_size: Optional[int] = None):
+                 device="cpu", dtype="float32", batch_size: Optional[int] = None, backend: str = "auto"):
         super().__init__(device=device, batch_size=batch_size)
+        import_error = None if backend == "builtin" else open_clip_import_error()
+        self.backend = select_hps_backend(backend, import_error)
         self.config = _read_config(model_config)
         self.dtype = resolve_dtype(dtype)
         self.checkpoint_path = os.fspath(checkpoint_path)
@@ -317,7 +386,14 @@ class HPSv2Reward(ImageTextSimilarityReward):
                     f"bundled tokenizer would otherwise be used, does not import here: {error})"
                 ) from error
         self.tokenizer_path = None if tokenizer_path is None else os.fspath(tokenizer_path)
-        self.model = build_open_clip_model(state, self.config, self.dtype, self.checkpoint_path).to(self.device)
+        if self.backend == "open_clip":
+            self.model = build_open_clip_library_model(state, self.config, self.dtype, self.checkpoint_path)
+        else:
+            self.model = build_open_clip_model(state, self.config, self.dtype, self.checkpoint_path)
+        self.model = self.model.to(self.device)
+        why = "" if self.backend == "open_clip" or import_error is None else f" (open_clip does not import: {import_error})"
+        logger.info("HPS %s runs on the %s model%s", self.checkpoint_path,
+                    "open_clip" if self.backend == "open_clip" else "built-in ViT", why)
         self.preprocess = ImagePreprocess(
             size=self.config.image_size, crop_size=(self.config.image_size,) * 2,
             mean=self.config.image_mean, std=self.config.image_std, mode="pad",
@@ -341,7 +417,7 @@ class HPSv2Reward(ImageTextSimilarityReward):
 
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "checkpoint_path": self.checkpoint_path,
-                "tokenizer_path": self.tokenizer_path, "dtype": str(self.dtype)}
+                "tokenizer_path": self.tokenizer_path, "dtype": str(self.dtype), "backend": self.backend}
 
 
 def _normalize(features: torch.Tensor) -> torch.Tensor:

@@ -101,8 +101,16 @@ class RewardSet:
         return {entry.name: float(entry.weight) for entry in self.entries}
 
     def describe(self) -> List[str]:
-        """["name:weight", ...] for people."""
-        return [f"{entry.name}:{entry.weight:g}" for entry in self.entries]
+        """["name:weight", ...] for people; a reward that runs on one of several models (HPS:
+        open_clip or builtin) adds which one, e.g. "hps:1 (open_clip)"."""
+        described = []
+        for entry in self.entries:
+            function = entry.function
+            while getattr(function, "backend", None) is None and getattr(function, "inner", None) is not None:
+                function = function.inner  # a wrapper (frame_mean, binary): the reward it wraps
+            backend = getattr(function, "backend", None)
+            described.append(f"{entry.name}:{entry.weight:g}" + (f" ({backend})" if isinstance(backend, str) else ""))
+        return described
 
     def __call__(self, images: Tensor, prompts: Sequence[str], criteria: bool = False) -> Dict[str, Tensor]:
         """{name: (B,) float32 CPU}. A reward that raises becomes a RewardError naming it.
