@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dancegrpo_fast"
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: List[List[str]] = [
     ["sde", "noise", "trajectory", "distributed", "logging_utils", "config", "kernels", "meta_measure"],
-    ["schedules", "ops", "grpo", "info"],
+    ["schedules", "ops", "grpo", "info", "ddpo"],
     ["policies", "rewards", "checkpoint", "reports", "prompts"],
     ["rollout", "output_lock", "run_report"],
     ["update", "evaluator", "model_setup"],
