@@ -15,9 +15,12 @@ Settings:
     ts_0.3 / ts_1.0  timestep_fraction 0.3 / 1.0 (0.6 is the default)
     binary           the binary reward: 1 when the tiny_geneval score > 0.5, else 0
     flow_grpo        the Flow-GRPO SDE instead of DanceGRPO's (noise_level 0.7, its paper's value)
+    ddpo             the DDPO baseline (--advantage ddpo): per-prompt running reward statistics
+                     instead of groups, with DDPO's defaults (independent noise, every step trained)
 
 Writes benchmarks/results/tiny_ablation.json (every run: before, after, gain, wall time) and
-prints a markdown table of mean and spread per setting.
+prints a markdown table of mean and spread per setting. --merge keeps the file's runs of the
+settings and seeds not rerun (a new row added later, on another day's machine load).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ SETTINGS: Dict[str, List[str]] = {
     "ts_1.0": ["--timestep_fraction", "1.0"],
     "binary": ["--config", "{binary_yaml}"],
     "flow_grpo": ["--sampler", "flow_grpo", "--eta", "0.7"],
+    "ddpo": ["--advantage", "ddpo"],
 }
 
 
@@ -109,17 +113,30 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--out", default=str(RESULTS), help="results JSON")
     parser.add_argument("--runs_dir", default=None, help="where the runs' output folders go (default: a temp dir)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs already in --out whose (setting, seed) this command does not run")
     args = parser.parse_args(argv)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="tiny_ablation_"))
     runs_dir.mkdir(parents=True, exist_ok=True)
     binary_yaml = runs_dir / "binary_reward.yaml"
     binary_yaml.write_text(BINARY_YAML)
     jobs = [(s, seed) for s in args.settings for seed in args.seeds]
+    machine = os.environ.get("ABLATION_MACHINE", "2-core CPU, no GPU (shared)")
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda job: run_one(job[0], job[1], args.iterations, runs_dir, binary_yaml), jobs))
-    report = {"iterations": args.iterations, "seeds": args.seeds, "parallel": args.parallel,
-              "machine": os.environ.get("ABLATION_MACHINE", "2-core CPU, no GPU (shared)"),
-              "runs": results, "table": table(results)}
+    for result in results:
+        result["machine"] = machine
+    report = {"iterations": args.iterations, "seeds": args.seeds, "parallel": args.parallel, "machine": machine}
+    if args.merge and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("iterations") != args.iterations:
+            raise SystemExit(f"--merge: {args.out} holds runs of {old.get('iterations')} iterations, not "
+                             f"{args.iterations}: the rows would not compare")
+        rerun = {(r["setting"], r["seed"]) for r in results}
+        kept = [r for r in old["runs"] if (r["setting"], r["seed"]) not in rerun]
+        report = {**old, "seeds": sorted({r["seed"] for r in kept + results})}
+        results = kept + results
+    report.update(runs=results, table=table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(report["table"])

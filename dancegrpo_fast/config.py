@@ -49,6 +49,14 @@ def attention_backends(name: str = "") -> Tuple[str, ...]:
     return names
 
 KL_CONVENTIONS = ("exact", "flow_grpo")
+ADVANTAGES = ("group", "global", "ddpo")
+# advantage ddpo (the DDPO baseline): DDPO's own settings where they carry over to our samplers,
+# applied to the settings the command line / YAML file does not give (parse_config). Independent
+# initial noise per sample, every trainable step trained, its clip ranges. Not carried over: its
+# learning rate (tuned for SD 1.5; a comparison at the run's own rate isolates the algorithm) and
+# its DDIM eta 1 (the sd14 preset already uses it; a flow SDE's eta is another quantity).
+DDPO_DEFAULTS: Dict[str, Any] = {"sampler.shared_noise": False, "grpo.timestep_fraction": 1.0,
+                                 "grpo.clip_range": 1e-4, "grpo.adv_clip_max": 5.0}
 
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
@@ -118,7 +126,9 @@ class GRPOConfig:
     timestep_fraction: float = _f(0.6, "fraction of the S-1 trainable steps trained per sample")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon")
     adv_clip_max: float = _f(5.0, "advantage clamp")
-    advantage: str = _f("group", "group (per prompt) or global (all ranks' rewards)")
+    advantage: str = _f("group", f"one of {ADVANTAGES}: group (per prompt group), global (all ranks' rewards), ddpo (the DDPO baseline: per-prompt running statistics; also applies DDPO's defaults to the settings not given, see docs/training.md)")
+    ddpo_buffer_size: int = _f(16, "advantage ddpo: rewards kept per prompt (the newest) for its statistics")
+    ddpo_min_count: int = _f(16, "advantage ddpo: a prompt with fewer rewards in its buffer is normalised by the whole batch's mean and std instead")
     kl_beta: float = _f(0.0, "KL weight to the reference policy (base model / LoRA disabled); 0 = off")
     kl_convention: str = _f("exact", "the KL term weighted by kl_beta: exact (the KL between the two step Gaussians) or flow_grpo (that KL times the step's |dsigma|, Flow-GRPO's kl_loss, so its beta values carry over; rectified flows only)")
     bestofn: int = _f(0, "train only k samples of each group, the k/2 with the highest and the k/2 with the lowest advantage (the reference's HunyuanVideo run keeps 8 of 24); k even, 2..group_size; 0 = every sample")
@@ -260,7 +270,12 @@ class TrainConfig:
         need(self.trained_timesteps() >= 1,
              f"no timestep would be trained: {len(sa.trainable_steps())} trainable SDE steps (the last transition is dropped) "
              f"x timestep_fraction {g.timestep_fraction} < 1; raise num_steps, the SDE window or timestep_fraction")
-        need(g.advantage in ("group", "global"), f"advantage must be 'group' or 'global', got {g.advantage!r}")
+        need(g.advantage in ADVANTAGES, f"advantage must be one of {ADVANTAGES}, got {g.advantage!r}")
+        need(isinstance(g.ddpo_buffer_size, int) and g.ddpo_buffer_size >= 1,
+             f"ddpo_buffer_size must be an integer >= 1, got {g.ddpo_buffer_size!r}")
+        need(isinstance(g.ddpo_min_count, int) and 1 <= g.ddpo_min_count <= g.ddpo_buffer_size,
+             f"ddpo_min_count must be an integer in [1, ddpo_buffer_size={g.ddpo_buffer_size}] (a buffer never holds "
+             f"more than ddpo_buffer_size rewards), got {g.ddpo_min_count!r}")
         need(rt.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {rt.parallel!r}")
         need(m.mixed_precision in ("bf16", "no"), f"mixed_precision must be 'bf16' or 'no', got {m.mixed_precision!r}")
         need(m.dtype in ("float32", "bfloat16", "float16"), f"model_dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
@@ -555,7 +570,21 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values = vars(build_parser(base, source).parse_args(argv))
     values.pop("preset")
     values.pop("config")
-    return TrainConfig.from_dict(values, base).validate()
+    config = TrainConfig.from_dict(values, base)
+    return apply_advantage_defaults(config, given_keys(argv)).validate()
+
+
+def apply_advantage_defaults(config: TrainConfig, given: Sequence[str] = ()) -> TrainConfig:
+    """advantage ddpo: DDPO_DEFAULTS for each setting not in `given` ("section.field" keys the
+    user set: command-line flags, --config file keys). They override the preset's values, not the
+    user's. Other advantages: the config unchanged."""
+    if config.grpo.advantage != "ddpo":
+        return config
+    for key, value in DDPO_DEFAULTS.items():
+        if key not in given:
+            section, name = key.split(".")
+            setattr(getattr(config, section), name, value)
+    return config
 
 
 def given_keys(argv: Sequence[str]) -> List[str]:

@@ -129,6 +129,10 @@ class PromptStream:
             self._epoch = epoch
         return self._order[offset]
 
+    def prompts_at(self, positions: Sequence[int]) -> List[str]:
+        """The prompts at global stream positions (taken or not; the stream does not move)."""
+        return [self.prompts[self._index(int(p))] for p in positions]
+
     def take(self, count: int) -> Tuple[List[str], Tensor]:
         """The next `count` prompts and their global positions (int64)."""
         positions = list(range(self.position, self.position + count))

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import ops
 from .checkpoint import CheckpointError, Lineage, load_checkpoint, resolve_resume, saved_config, save_checkpoint
 from .config import TrainConfig, config_to_yaml, parse_config, resumed_config
+from .ddpo import DDPOAdvantages
 from .distributed import DistributedState, all_gather, all_reduce_sum, cleanup, init_distributed
 from .evaluator import Evaluator
 from .export import export_checkpoint
@@ -82,6 +83,10 @@ class Trainer:
                      if c.runtime.wandb and self.state.is_main else None)
         self.logger = MetricsLogger(output_dir, enabled=self.state.is_main, tensorboard=c.runtime.tensorboard,
                                     wandb=wandb_run)
+        # advantage ddpo: DDPO's per-prompt reward statistics, state carried across iterations
+        # (checkpointed) and identical on every rank.
+        self.ddpo = (DDPOAdvantages(c.grpo.ddpo_buffer_size, c.grpo.ddpo_min_count)
+                     if c.grpo.advantage == "ddpo" else None)
         self._reward_pool: Optional[AsyncRewardPool] = None
         self.stop = StopOnSignal()  # SIGTERM/SIGINT: stop after the current iteration, with a checkpoint
         self.deferred_export: Optional[Path] = None  # set by _export under torchrun; main() runs it after cleanup
@@ -99,14 +104,25 @@ class Trainer:
         trajectory, samples, scores, seconds = self.collect_and_score()
         # Only the rewards' own scores feed the advantages; "<name>/<criterion>" keys are logged.
         reward_scores = {name: scores[name] for name in self.rewards.names}
-        advantages, valid = compute_advantages(reward_scores, self.rewards.weights, c.grpo.group_size,
-                                               c.grpo.advantage, gather=lambda t: all_gather(t, s), rank=s.rank)
+        extra = {}
+        if self.ddpo is not None:
+            # Every rank's prompts (by their stream positions), so every rank updates the same
+            # statistics with the same batch.
+            positions = all_gather(trajectory.prompt_ids.to(self.device), s).cpu().tolist()
+            advantages, valid, own = self.ddpo.advantages(
+                reward_scores, self.rewards.weights, c.grpo.group_size, self.prompts.prompts_at(positions),
+                gather=lambda t: all_gather(t.to(self.device), s), rank=s.rank)
+            extra["ddpo/per_prompt_fraction"] = own
+        else:
+            advantages, valid = compute_advantages(reward_scores, self.rewards.weights, c.grpo.group_size,
+                                                   c.grpo.advantage, gather=lambda t: all_gather(t, s), rank=s.rank)
         skipped = self._skip_unusable_groups(valid, reward_scores)
         start = time.perf_counter()
         stats = self.update(trajectory, advantages)
         seconds["update"] = time.perf_counter() - start
         self.iteration += 1
         row = self._row(scores, stats, skipped, seconds)
+        row.update(extra)
         if self.evaluator.due(self.iteration, c.runtime.num_iterations):
             row.update(self._evaluate())  # after the update, in this iteration's row
         self.logger.log(row)
@@ -246,12 +262,16 @@ class Trainer:
         self.iteration = int(training["iteration"])
         self.prompts.position = int(training["prompt_position"])
         self.skipped_groups_total = int(training.get("skipped_groups_total", 0))
+        if self.ddpo is not None and training.get("ddpo_tracker"):
+            self.ddpo.load_state_dict(training["ddpo_tracker"])
         if self.setup.ema is not None and training.get("ema"):
             self.setup.ema.load(training["ema"])
         self.logger.truncate_after(self.iteration)
 
     def save(self) -> Path:
         extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total}
+        if self.ddpo is not None:
+            extra["ddpo_tracker"] = self.ddpo.state_dict()
         ema = self.setup.ema.shadow if self.setup.ema is not None else None
         return save_checkpoint(self.config.runtime.output_dir, self.iteration, self.policy, self.setup.optimizer,
                                self.setup.lr_scheduler, self.config, extra, self.state, ema=ema,

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dancegrpo_fast"
 LAYERS: List[List[str]] = [
     ["sde", "noise", "trajectory", "distributed", "logging_utils", "wandb_logging", "config", "kernels",
      "meta_measure", "sharded_checkpoint"],
-    ["schedules", "ops", "grpo"],
+    ["schedules", "ops", "grpo", "ddpo"],
     ["policies", "rewards", "checkpoint", "reports", "prompts"],
     ["rollout", "output_lock", "run_report"],
     ["update", "evaluator", "model_setup", "export"],

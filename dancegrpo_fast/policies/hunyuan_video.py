@@ -1,5 +1,7 @@
 """HunyuanVideo T2V (HunyuanVideoTransformer3DModel): latents (C, F', H/8, W/8), a Llama text
-encoder with the pipeline's prompt template plus a pooled CLIP, the guidance embedding."""
+encoder with the pipeline's prompt template plus a pooled CLIP, the guidance embedding. With
+num_frames 1 it is the paper's HunyuanVideo-T2I: single-frame latents, decoded as images
+(B, 3, H, W) that image rewards score directly (preset hunyuan_video_t2i)."""
 from __future__ import annotations
 
 from typing import List
@@ -25,6 +27,8 @@ class HunyuanVideoPolicy(Policy):
             raise ValueError(f"HunyuanVideo needs height and width divisible by {spatial}, got {options.height}x{options.width}")
         if (options.num_frames - 1) % temporal:
             raise ValueError(f"HunyuanVideo needs num_frames = {temporal} k + 1, got {options.num_frames}")
+        # One frame: a text-to-image model (image rewards, image grids), not a one-frame video.
+        self.modality = "image" if options.num_frames == 1 else "video"
         self._shape = (self.model.config.in_channels, (options.num_frames - 1) // temporal + 1,
                        options.height // spatial, options.width // spatial)
 
@@ -52,4 +56,5 @@ class HunyuanVideoPolicy(Policy):
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
         video = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
-        return to_unit_range(video).permute(0, 2, 1, 3, 4).contiguous()  # (B, T, 3, H, W)
+        video = to_unit_range(video).permute(0, 2, 1, 3, 4).contiguous()  # (B, T, 3, H, W)
+        return video[:, 0] if self.modality == "image" else video
