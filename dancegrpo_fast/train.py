@@ -104,18 +104,7 @@ class Trainer:
         trajectory, samples, scores, seconds = self.collect_and_score()
         # Only the rewards' own scores feed the advantages; "<name>/<criterion>" keys are logged.
         reward_scores = {name: scores[name] for name in self.rewards.names}
-        extra = {}
-        if self.ddpo is not None:
-            # Every rank's prompts (by their stream positions), so every rank updates the same
-            # statistics with the same batch.
-            positions = all_gather(trajectory.prompt_ids.to(self.device), s).cpu().tolist()
-            advantages, valid, own = self.ddpo.advantages(
-                reward_scores, self.rewards.weights, c.grpo.group_size, self.prompts.prompts_at(positions),
-                gather=lambda t: all_gather(t.to(self.device), s), rank=s.rank)
-            extra["ddpo/per_prompt_fraction"] = own
-        else:
-            advantages, valid = compute_advantages(reward_scores, self.rewards.weights, c.grpo.group_size,
-                                                   c.grpo.advantage, gather=lambda t: all_gather(t, s), rank=s.rank)
+        advantages, valid, extra = self.advantages(trajectory, reward_scores)
         skipped = self._skip_unusable_groups(valid, reward_scores)
         start = time.perf_counter()
         stats = self.update(trajectory, advantages)
@@ -132,6 +121,22 @@ class Trainer:
             path = save_sample_grid(samples, Path(c.runtime.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
             self.logger.log_image("samples", path, self.iteration)
         return row
+
+    def advantages(self, trajectory: Trajectory, reward_scores: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Dict]:
+        """(advantages, valid groups, extra metrics): GRPO's group or global normalisation, or
+        with advantage ddpo DDPO's per-prompt running statistics (identical on every rank)."""
+        c, s = self.config, self.state
+        if self.ddpo is None:
+            advantages, valid = compute_advantages(reward_scores, self.rewards.weights, c.grpo.group_size,
+                                                   c.grpo.advantage, gather=lambda t: all_gather(t, s), rank=s.rank)
+            return advantages, valid, {}
+        # Every rank's prompts (by their stream positions), so every rank updates the same
+        # statistics with the same batch.
+        positions = all_gather(trajectory.prompt_ids.to(self.device), s).cpu().tolist()
+        advantages, valid, own = self.ddpo.advantages(
+            reward_scores, self.rewards.weights, c.grpo.group_size, self.prompts.prompts_at(positions),
+            gather=lambda t: all_gather(t.to(self.device), s), rank=s.rank)
+        return advantages, valid, {"ddpo/per_prompt_fraction": own}
 
     def _evaluation_pictures(self) -> None:
         """Redraw the reward curve; hand it and this evaluation's grid to TensorBoard/wandb."""
