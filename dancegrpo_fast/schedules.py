@@ -8,7 +8,7 @@ for rectified flows (DanceGRPO's and Flow-GRPO's SDEs, ODE steps outside an SDE 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,12 @@ class StepSchedule:
     timesteps: (S,) float64, the timestep the model receives at each step, in its own units.
     a, b, s: (S,) float32 affine-Gaussian coefficients (s == 0 for ODE steps).
     sde: (S,) bool, the stochastic (trainable) steps.
+    grid_alpha, grid_sigma: (S + 1,) float64, x_t = alpha * x_0 + sigma * noise at the input of
+        each step and at the end (rectified flow: 1 - sigma and sigma; DDIM: sqrt(alpha_bar) and
+        sqrt(1 - alpha_bar)), for the multistep ODE steps (dancegrpo_fast.multistep); None when
+        unknown.
+    prediction: what the model predicts, "flow" (velocity, x_0 = x - sigma v) or "epsilon"
+        (x_0 = (x - sigma eps) / alpha).
     """
 
     timesteps: Tensor
@@ -31,6 +37,9 @@ class StepSchedule:
     b: Tensor
     s: Tensor
     sde: Tensor
+    grid_alpha: Optional[Tensor] = None
+    grid_sigma: Optional[Tensor] = None
+    prediction: str = ""
 
     @property
     def num_steps(self) -> int:
@@ -75,7 +84,7 @@ def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_st
         raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
     timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
                              dtype=torch.float64)
-    return StepSchedule(timesteps, a, b, s, sde)
+    return StepSchedule(timesteps, a, b, s, sde, grid_alpha=1.0 - sigmas, grid_sigma=sigmas.clone(), prediction="flow")
 
 
 def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
@@ -94,15 +103,19 @@ def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int
     stride = scheduler.config.num_train_timesteps // num_steps
     sde = torch.zeros(num_steps, dtype=torch.bool)
     sde[list(sde_steps)] = True
-    rows = []
+    rows, alpha_bars = [], []
     for i, t in enumerate(timesteps.tolist()):
         prev_t = t - stride
         alpha_bar_prev = float(alphas[prev_t]) if prev_t >= 0 else final
+        alpha_bars.append(float(alphas[t]))
         rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
+    alpha_bars.append(alpha_bar_prev)  # the end of the last step
     a, b, s = _stack(rows)
     if (s[sde] <= 0).any():
         bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
         raise ValueError(f"DDIM steps {bad} are deterministic (s == 0: their two alphas coincide, e.g. "
                          f"steps_offset=0 with set_alpha_to_one=False at t = 0); shrink the SDE window "
                          f"or fix the scheduler config")
-    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)
+    alpha_bars = torch.tensor(alpha_bars, dtype=torch.float64)
+    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde, grid_alpha=alpha_bars.sqrt(),
+                        grid_sigma=(1.0 - alpha_bars).sqrt(), prediction="epsilon")

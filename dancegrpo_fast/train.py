@@ -28,6 +28,7 @@ from .distributed import DistributedState, all_gather, all_reduce_sum, cleanup, 
 from .evaluator import Evaluator
 from .grpo import compute_advantages, too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
+from .multistep import sampling_plan
 from .model_setup import TrainingSetup
 from .noise import mix_seed, prompt_seeds, sample_seeds
 from .output_lock import claim_output_dir, lock_output_dir
@@ -66,15 +67,21 @@ class Trainer:
         self.prompts = PromptStream(load_prompts(c.rollout.prompt_file), c.runtime.seed)
         self.policy = policy if policy is not None else build_policy(c.model, c.sampler, self.device)
         self.schedule = self.policy.schedule()
+        self._window: List[int] = c.sampler.sde_steps(0)
+        self.plan = sampling_plan(self.schedule, c.sampler.ode_order, c.sampler.ode_steps_fraction)
+        # The held-out evaluation samples with one sampler for the whole run, the first-order one.
+        eval_schedule = (self.policy.schedule(list(range(c.sampler.num_steps))) if c.eval.sde_steps == "all"
+                         else self.schedule)
         self.rewards = (RewardSet.of(rewards) if rewards is not None else
                         RewardSet.from_specs(c.rollout.rewards, c.rollout.reward_modules, self.device))
         self.setup = TrainingSetup(self.policy, c, self.state)
         self.updater = GRPOUpdate(self.policy, self.schedule, c.grpo, c.optim, c.model.mixed_precision,
                                   self.setup.optimizer_step, self.setup.reference)
-        self.evaluator = Evaluator(c.eval, self.policy, self.schedule, self.rewards, c.rollout.batch_size,
+        self.evaluator = Evaluator(c.eval, self.policy, eval_schedule, self.rewards, c.rollout.batch_size,
                                    c.model.mixed_precision, output_dir, self.state)
         self.iteration = 0
         self.skipped_groups_total = 0
+        self.nfe_total = 0  # model evaluations so far (rollout forwards, training forwards and backwards)
         self.logger = MetricsLogger(output_dir, enabled=self.state.is_main, tensorboard=c.runtime.tensorboard)
         self._reward_pool: Optional[AsyncRewardPool] = None
         self.stop = StopOnSignal()  # SIGTERM/SIGINT: stop after the current iteration, with a checkpoint
@@ -89,6 +96,7 @@ class Trainer:
     def train_iteration(self) -> Dict:
         """One iteration: rollout, rewards, advantages, update; returns the logged row."""
         c, s = self.config, self.state
+        self._place_window()
         trajectory, samples, scores, seconds = self.collect_and_score()
         # Only the rewards' own scores feed the advantages; "<name>/<criterion>" keys are logged.
         reward_scores = {name: scores[name] for name in self.rewards.names}
@@ -100,6 +108,7 @@ class Trainer:
         seconds["update"] = time.perf_counter() - start
         self.iteration += 1
         row = self._row(scores, stats, skipped, seconds)
+        row.update(self._window_and_nfe(stats))
         if self.evaluator.due(self.iteration, c.runtime.num_iterations):
             row.update(self.evaluator.evaluate(self.iteration))  # after the update, in this iteration's row
         self.logger.log(row)
@@ -108,6 +117,32 @@ class Trainer:
         if c.runtime.sample_every and self.iteration % c.runtime.sample_every == 0 and s.is_main:
             save_sample_grid(samples, Path(c.runtime.output_dir) / "samples" / f"iter_{self.iteration:06d}.png")
         return row
+
+    def _place_window(self) -> None:
+        """The SDE window of this iteration (it slides with sde_window_schedule): the schedule the
+        rollout and the update step with, and the rollout's plan (fewer / second-order ODE steps
+        outside the window: multistep.sampling_plan)."""
+        c = self.config
+        window = c.sampler.sde_steps(self.iteration)
+        if window != self._window:
+            self._window = window
+            self.schedule = self.policy.schedule(window)
+            self.updater.schedule = self.schedule
+            self.plan = sampling_plan(self.schedule, c.sampler.ode_order, c.sampler.ode_steps_fraction)
+
+    def _window_and_nfe(self, stats: UpdateStats) -> Dict:
+        """The window's position and this iteration's model evaluations (all ranks), per sample and
+        network call (classifier-free guidance counts two): rollout forwards, training forwards
+        (with the old log-prob and KL reference passes) and backwards, and the run's total."""
+        c, s = self.config, self.state
+        per_call = 2 if getattr(self.policy, "uses_cfg", False) else 1
+        rollout_nfe = c.samples_per_rank * s.world_size * self.plan.num_evaluations * per_call
+        train = all_reduce_sum(torch.tensor([stats.forward_passes, stats.backward_passes], dtype=torch.int64), s)
+        forward, backward = int(train[0]), int(train[1])
+        self.nfe_total += rollout_nfe + forward + backward
+        return {"sde_window_start": self._window[0], "sde_window_size": len(self._window),
+                "nfe_rollout": rollout_nfe, "nfe_train_forward": forward, "nfe_train_backward": backward,
+                "nfe_total": self.nfe_total}
 
     def collect(self, on_batch=None) -> Trajectory:
         """Rollout of this rank's prompts for the current iteration (on_batch: see rollout)."""
@@ -120,7 +155,8 @@ class Trainer:
         seeds_p = prompt_seeds(c.runtime.seed, self.iteration, first_prompt, per_rank)
         seeds_s = sample_seeds(c.runtime.seed, self.iteration, first_prompt * c.grpo.group_size, c.samples_per_rank)
         return rollout(self.policy, self.schedule, prompts, c.grpo.group_size, positions, seeds_p, seeds_s,
-                       c.rollout.batch_size, c.sampler.shared_noise, c.model.mixed_precision, on_batch=on_batch)
+                       c.rollout.batch_size, c.sampler.shared_noise, c.model.mixed_precision, on_batch=on_batch,
+                       plan=self.plan)
 
     def collect_and_score(self) -> Tuple[Trajectory, Tensor, Dict[str, Tensor], Dict[str, float]]:
         """Rollout, decoding and rewards. With reward_overlap, each rollout batch is decoded and
@@ -189,7 +225,7 @@ class Trainer:
     def trained_steps(self, trajectory: Trajectory) -> Tensor:
         """(B, T) the steps each sample trains this iteration (update.trained_steps)."""
         c = self.config
-        return trained_steps(trajectory.sample_seeds, c.sampler.trainable_steps(), c.trained_timesteps())
+        return trained_steps(trajectory.sample_seeds, c.sampler.trainable_steps(self.iteration), c.trained_timesteps())
 
     def _row(self, scores: Dict[str, Tensor], stats: UpdateStats, skipped: int, seconds: Dict[str, float]) -> Dict:
         """The iteration's metrics row: reward means and stds (finite values over all ranks),
@@ -225,12 +261,14 @@ class Trainer:
         self.iteration = int(training["iteration"])
         self.prompts.position = int(training["prompt_position"])
         self.skipped_groups_total = int(training.get("skipped_groups_total", 0))
+        self.nfe_total = int(training.get("nfe_total", 0))
         if self.setup.ema is not None and training.get("ema"):
             self.setup.ema.load(training["ema"])
         self.logger.truncate_after(self.iteration)
 
     def save(self) -> Path:
-        extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total}
+        extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total,
+                 "nfe_total": self.nfe_total}
         ema = self.setup.ema.shadow if self.setup.ema is not None else None
         return save_checkpoint(self.config.runtime.output_dir, self.iteration, self.policy, self.setup.optimizer,
                                self.setup.lr_scheduler, self.config, extra, self.state, ema=ema,
