@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dancegrpo_fast"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: List[List[str]] = [
-    ["sde", "noise", "trajectory", "distributed", "logging_utils", "config", "kernels", "meta_measure"],
-    ["schedules", "ops", "grpo", "info"],
+    ["sde", "noise", "trajectory", "distributed", "logging_utils", "config", "kernels", "meta_measure", "sde_window"],
+    ["schedules", "ops", "grpo", "info", "multistep"],
     ["policies", "rewards", "checkpoint", "reports", "prompts"],
     ["rollout", "output_lock", "run_report"],
     ["update", "evaluator", "model_setup"],
