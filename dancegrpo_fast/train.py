@@ -96,7 +96,6 @@ class Trainer:
     def train_iteration(self) -> Dict:
         """One iteration: rollout, rewards, advantages, update; returns the logged row."""
         c, s = self.config, self.state
-        self._place_window()
         trajectory, samples, scores, seconds = self.collect_and_score()
         # Only the rewards' own scores feed the advantages; "<name>/<criterion>" keys are logged.
         reward_scores = {name: scores[name] for name in self.rewards.names}
@@ -147,6 +146,7 @@ class Trainer:
     def collect(self, on_batch=None) -> Trajectory:
         """Rollout of this rank's prompts for the current iteration (on_batch: see rollout)."""
         c, s = self.config, self.state
+        self._place_window()
         per_rank = c.rollout.prompts_per_rank
         prompts, positions = self.prompts.take(per_rank * s.world_size)
         mine = slice(s.rank * per_rank, (s.rank + 1) * per_rank)
@@ -225,7 +225,9 @@ class Trainer:
     def trained_steps(self, trajectory: Trajectory) -> Tensor:
         """(B, T) the steps each sample trains this iteration (update.trained_steps)."""
         c = self.config
-        return trained_steps(trajectory.sample_seeds, c.sampler.trainable_steps(self.iteration), c.trained_timesteps())
+        # The trajectory's own SDE steps: the window it was sampled with.
+        trainable = [i for i in trajectory.sde.nonzero().flatten().tolist() if i < c.sampler.num_steps - 1]
+        return trained_steps(trajectory.sample_seeds, trainable, c.trained_timesteps())
 
     def _row(self, scores: Dict[str, Tensor], stats: UpdateStats, skipped: int, seconds: Dict[str, float]) -> Dict:
         """The iteration's metrics row: reward means and stds (finite values over all ranks),
