@@ -19,6 +19,10 @@ Variants, each its own model and trainer, interleaved iteration by iteration:
   trainer_batched  this trainer with the group in one training micro-batch (train batch 4)
   reference_loop   the reference code's loop shape: batch 1 everywhere, unfused step and loss
                    (bench_train_iteration.reference_iteration)
+  trainer_window   trainer_preset with MixGRPO's sliding SDE window: 4 SDE steps (all trained,
+                   timestep_fraction 1.0) sliding over the 16, second-order ODE steps outside it
+                   with 40% of them after the window (MixGRPO-Flash; docs/training.md)
+  trainer_window_ode1  the same window with first-order ODE steps, every step taken
 
     python benchmarks/bench_flux_iteration.py [--group-size 4] [--repeats 2] [--output FILE]
     python benchmarks/bench_flux_iteration.py --check   # the same code at toy size, on the CPU
@@ -62,6 +66,9 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncode
 TOY_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, num_layers=1, num_single_layers=1, attention_head_dim=16,
                        num_attention_heads=2, axes_dims_rope=(4, 6, 6))
 TOY_VAE = dict(FLUX_DEV_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+# MixGRPO's window on the preset's 16 steps (docs/training.md, "Sliding SDE window (MixGRPO)").
+WINDOW = dict(sde_window_start=0, sde_window_size=4, sde_window_schedule="progressive", sde_window_stride=1,
+              sde_window_every=25, timestep_fraction=1.0)
 PROMPTS = ["a red fox in fresh snow, golden hour", "an astronaut riding a horse on the moon",
            "a bowl of ramen, studio photograph", "a lighthouse in a storm, oil painting"]
 
@@ -145,6 +152,8 @@ def main() -> None:
             "trainer_preset": base,
             "trainer_batched": dict(base, train_batch_size=g, gradient_accumulation_steps=1),
             "reference_loop": base,
+            "trainer_window": dict(base, **WINDOW, ode_order=2, ode_steps_fraction=0.4),
+            "trainer_window_ode1": dict(base, **WINDOW),
         }
         trainers = {}
         for name in variants:
@@ -170,6 +179,7 @@ def main() -> None:
                     out = trainer.train_iteration()
                     row = {k: out[k] for k in ("seconds_rollout", "seconds_reward", "seconds_update")}
                     row["first_step_ratio_max_dev"] = out["first_step_ratio_max_dev"]
+                    row["nfe_rollout"], row["nfe_train"] = out["nfe_rollout"], out["nfe_train_forward"] + out["nfe_train_backward"]
                     row["loss"] = out["loss"]
                 synchronize(device)
                 row["seconds_wall"] = time.perf_counter() - t0
@@ -224,10 +234,11 @@ def report(args, device, base, settings, variants, params, trainable, runs, peak
         "settings": {k: base[k] for k in ("height", "width", "num_steps", "eta", "shift", "group_size",
                                            "timestep_fraction", "gradient_checkpointing", "max_sequence_length",
                                            "model_dtype", "mixed_precision", "use_lora", "lora_rank")},
-        "variant_settings": {name: {k: settings[name][k] for k in ("rollout_batch_size", "train_batch_size",
-                                                                   "gradient_accumulation_steps")}
+        "variant_settings": {name: {k: settings[name].get(k) for k in (
+            "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "timestep_fraction",
+            "sde_window_size", "sde_window_schedule", "ode_order", "ode_steps_fraction")}
                              for name in variants if name != "reference_loop"},
-        "trained_steps_per_sample": TrainConfig.from_dict(settings[variants[0]]).trained_timesteps(),
+        "trained_steps_per_sample": {name: TrainConfig.from_dict(settings[name]).trained_timesteps() for name in variants},
         "repeats": args.repeats, "statistic": "median over timed iterations (one warm-up round first)",
         "runs": runs, "results": results, "speedup_vs_reference_loop": speedups,
         "seconds_benchmark": time.perf_counter() - start_all, "complete": final,

@@ -10,7 +10,9 @@
 #      against CPU, the math tests, and the Triton compile check (tests/test_kernels_compile.py) on
 #      the machine's own Triton
 #   3. one training iteration of a full-size FLUX.1-dev transformer (random weights, bf16, LoRA):
-#      this trainer vs the reference loop shape (benchmarks/bench_flux_iteration.py)
+#      this trainer as the preset sets it, with MixGRPO's SDE window (4 trained SDE steps,
+#      second-order ODE steps outside), and the reference loop shape (benchmarks/bench_flux_iteration.py;
+#      FLUX_VARIANTS picks others, e.g. trainer_batched; each variant holds its own 24 GB model)
 #   4. step-loss benchmarks: fused vs eager vs torch.compile, time, fraction of the measured copy
 #      bandwidth, peak memory (benchmarks/test_step_loss_bench.py)
 #
@@ -58,8 +60,9 @@ timeout 200 "$py" -m pytest -q -ra -p no:cacheprovider tests/test_fused_ops_cuda
 # The compile check's table (registers, spills, shared memory, load widths) on this Triton.
 timeout 120 "$py" -m pytest -q -s -p no:cacheprovider tests/test_kernels_compile.py >>"$out/tests.log" 2>&1 || true
 
-log "3. one training iteration of a full-size FLUX.1-dev transformer: this trainer vs the reference loop shape"
+log "3. one training iteration of a full-size FLUX.1-dev transformer: this trainer, with and without the SDE window, vs the reference loop shape"
 timeout 300 "$py" benchmarks/bench_flux_iteration.py --group-size "${FLUX_GROUP_SIZE:-4}" --repeats "${FLUX_REPEATS:-1}" \
+    --variants "${FLUX_VARIANTS:-trainer_preset,trainer_window,reference_loop}" \
     --output "$out/flux_iteration_cuda.json" 2>&1 | tee "$out/flux.log" | grep -v -E "truncated|Token indices" | tail -12
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "FLUX ITERATION FAILED (see flux.log)"; status=1; }
 

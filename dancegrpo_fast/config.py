@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .sde_window import SCHEDULES, last_start, window_steps
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "skyreels_i2v", "wan_i2v", "tiny")
@@ -57,6 +59,7 @@ ADVANTAGES = ("group", "global", "ddpo")
 # its DDIM eta 1 (the sd14 preset already uses it; a flow SDE's eta is another quantity).
 DDPO_DEFAULTS: Dict[str, Any] = {"sampler.shared_noise": False, "grpo.timestep_fraction": 1.0,
                                  "grpo.clip_range": 1e-4, "grpo.adv_clip_max": 5.0}
+SDE_WINDOW_SCHEDULES = SCHEDULES
 
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
@@ -107,17 +110,30 @@ class SamplerConfig:
     negative_prompt: str = _f("", "negative prompt used with classifier-free guidance")
     sde_window_start: int = _f(0, "first SDE step (MixGRPO-style window)")
     sde_window_size: int = _f(0, "SDE steps in the window; 0 = every step is SDE. Steps outside are ODE steps, not trained")
+    sde_window_schedule: str = _f("fixed", f"how the SDE window moves over iterations (MixGRPO): one of {SDE_WINDOW_SCHEDULES}; fixed = stays at sde_window_start")
+    sde_window_stride: int = _f(1, "steps the sliding window moves toward low noise each time it moves")
+    sde_window_every: int = _f(25, "iterations between window moves (progressive); the first, longest interval of decay and exp_decay")
+    sde_window_every_min: int = _f(1, "decay: the interval at the last window position (it shrinks linearly from sde_window_every)")
+    sde_window_roll_back: bool = _f(True, "a sliding window that passes the last trainable step goes back to sde_window_start; false: it stays at the end")
+    ode_order: int = _f(1, "order of the deterministic steps outside the SDE window: 1 (Euler / DDIM) or 2 (DPM-Solver++(2M) multistep)")
+    ode_steps_fraction: float = _f(1.0, "fraction of the steps kept in each ODE stretch before and after the SDE window (fewer, larger steps; MixGRPO-Flash uses 0.4 after it); 1 = every step")
     shared_noise: bool = _f(True, "the G samples of a prompt start from the same x_T")
 
-    def sde_steps(self) -> List[int]:
-        """Indices of the SDE (stochastic, trainable) steps among 0..num_steps-1."""
-        if self.sde_window_size == 0:
-            return list(range(self.num_steps))
-        return list(range(self.sde_window_start, self.sde_window_start + self.sde_window_size))
+    def sde_steps(self, iteration: int = 0) -> List[int]:
+        """Indices of the SDE (stochastic, trainable) steps among 0..num_steps-1 at `iteration`
+        (the window slides when sde_window_schedule is not fixed: dancegrpo_fast.sde_window)."""
+        return window_steps(iteration, self.num_steps, self.sde_window_start, self.sde_window_size,
+                            stride=self.sde_window_stride, every=self.sde_window_every,
+                            every_min=self.sde_window_every_min, schedule=self.sde_window_schedule,
+                            roll_back=self.sde_window_roll_back)
 
-    def trainable_steps(self) -> List[int]:
+    def trainable_steps(self, iteration: int = 0) -> List[int]:
         """SDE steps minus the last transition (SPEC 2)."""
-        return [i for i in self.sde_steps() if i < self.num_steps - 1]
+        return [i for i in self.sde_steps(iteration) if i < self.num_steps - 1]
+
+    @property
+    def window_slides(self) -> bool:
+        return self.sde_window_schedule != "fixed" and self.sde_window_size > 0
 
 
 @dataclass
@@ -172,6 +188,7 @@ class EvalConfig:
     samples_per_prompt: int = _f(1, "samples per held-out prompt at each evaluation", flat="eval_samples_per_prompt")
     seed: int = _f(0, "seed of the evaluation noise: the same prompts and noise at every evaluation, so the curve compares models, not noise", flat="eval_seed")
     use_ema: bool = _f(False, "evaluate the EMA weights (needs ema_decay > 0): swapped in for the evaluation, the trained weights restored after it", flat="eval_ema")
+    sde_steps: str = _f("rollout", "steps the evaluation samples with the SDE: rollout (the rollout's window at the first iteration; first-order ODE steps elsewhere) or all (every step, DanceGRPO's sampler: the same evaluation whatever the window settings)", flat="eval_sde_steps")
 
 
 @dataclass
@@ -267,6 +284,23 @@ class TrainConfig:
         need(sa.sde_window_start >= 0 and sa.sde_window_size >= 0
              and sa.sde_window_start + sa.sde_window_size <= sa.num_steps,
              f"the SDE window [{sa.sde_window_start}, {sa.sde_window_start + sa.sde_window_size}) must lie in [0, num_steps={sa.num_steps}]")
+        need(sa.sde_window_schedule in SDE_WINDOW_SCHEDULES,
+             f"sde_window_schedule must be one of {SDE_WINDOW_SCHEDULES}, got {sa.sde_window_schedule!r}")
+        for name in ("sde_window_stride", "sde_window_every", "sde_window_every_min"):
+            value = getattr(sa, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an integer >= 1, got {value!r}")
+        if sa.sde_window_schedule != "fixed":
+            need(sa.sde_window_size >= 1,
+                 f"sde_window_schedule={sa.sde_window_schedule!r} slides a window: set sde_window_size >= 1 (0 = every step is SDE)")
+            need(sa.sde_window_start <= last_start(sa.num_steps, sa.sde_window_size),
+                 f"a sliding SDE window [{sa.sde_window_start}, {sa.sde_window_start + sa.sde_window_size}) must lie among the "
+                 f"trainable steps [0, num_steps - 1 = {sa.num_steps - 1}): lower sde_window_start or sde_window_size")
+        need(sa.sde_window_every_min <= sa.sde_window_every,
+             f"sde_window_every_min={sa.sde_window_every_min} must be <= sde_window_every={sa.sde_window_every}")
+        need(sa.ode_order in (1, 2), f"ode_order must be 1 or 2, got {sa.ode_order!r}")
+        need(isinstance(sa.ode_steps_fraction, (int, float)) and 0 < sa.ode_steps_fraction <= 1,
+             f"ode_steps_fraction must lie in (0, 1], got {sa.ode_steps_fraction!r}")
         need(self.trained_timesteps() >= 1,
              f"no timestep would be trained: {len(sa.trainable_steps())} trainable SDE steps (the last transition is dropped) "
              f"x timestep_fraction {g.timestep_fraction} < 1; raise num_steps, the SDE window or timestep_fraction")
@@ -305,6 +339,7 @@ class TrainConfig:
         need(isinstance(e.samples_per_prompt, int) and e.samples_per_prompt >= 1,
              f"eval_samples_per_prompt must be an integer >= 1, got {e.samples_per_prompt!r}")
         need(isinstance(e.seed, int), f"eval_seed must be an integer, got {e.seed!r}")
+        need(e.sde_steps in ("rollout", "all"), f"eval_sde_steps must be 'rollout' or 'all', got {e.sde_steps!r}")
         for spec in r.rewards:
             need(isinstance(spec, RewardSpec) and spec.name, f"each reward needs a name, got {spec!r}")
             need(math.isfinite(spec.weight), f"reward {spec.name!r} has a non-finite weight {spec.weight!r}")

@@ -26,6 +26,12 @@ class StepSchedule:
     sde: (S,) bool, the stochastic (trainable) steps.
     dsigma: (S,) float64 |sigma_i - sigma_{i+1}| of a rectified flow's steps (the KL weight of
         kl_convention flow_grpo); None for DDIM.
+    grid_alpha, grid_sigma: (S + 1,) float64, x_t = alpha * x_0 + sigma * noise at the input of
+        each step and at the end (rectified flow: 1 - sigma and sigma; DDIM: sqrt(alpha_bar) and
+        sqrt(1 - alpha_bar)), for the multistep ODE steps (dancegrpo_fast.multistep); None when
+        unknown.
+    prediction: what the model predicts, "flow" (velocity, x_0 = x - sigma v) or "epsilon"
+        (x_0 = (x - sigma eps) / alpha).
     """
 
     timesteps: Tensor
@@ -34,6 +40,9 @@ class StepSchedule:
     s: Tensor
     sde: Tensor
     dsigma: Optional[Tensor] = None
+    grid_alpha: Optional[Tensor] = None
+    grid_sigma: Optional[Tensor] = None
+    prediction: str = ""
 
     @property
     def num_steps(self) -> int:
@@ -91,7 +100,8 @@ def flow_schedule(num_steps: int, shift: float, sampler: str, eta: float, sde_st
         raise ValueError(f"eta={eta} makes the SDE steps deterministic (s == 0): use eta > 0")
     timesteps = torch.tensor([int(float(sig) * 1000) / 1000 * timestep_scale for sig in sigmas[:-1]],
                              dtype=torch.float64)
-    return StepSchedule(timesteps, a, b, s, sde, dsigma=sigmas[:-1] - sigmas[1:])
+    return StepSchedule(timesteps, a, b, s, sde, dsigma=sigmas[:-1] - sigmas[1:], grid_alpha=1.0 - sigmas,
+                        grid_sigma=sigmas.clone(), prediction="flow")
 
 
 def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int]) -> StepSchedule:
@@ -114,11 +124,13 @@ def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int
     stride = scheduler.config.num_train_timesteps // num_steps
     sde = torch.zeros(num_steps, dtype=torch.bool)
     sde[list(sde_steps)] = True
-    rows = []
+    rows, alpha_bars = [], []
     for i, t in enumerate(timesteps.tolist()):
         prev_t = max(t - stride, 0)
         alpha_bar_prev = float(alphas[prev_t])
+        alpha_bars.append(float(alphas[t]))
         rows.append(ddim_coefficients(float(alphas[t]), alpha_bar_prev, eta if sde[i] else 0.0, 1))
+    alpha_bars.append(alpha_bar_prev)  # the end of the last step
     a, b, s = _stack(rows)
     if (s[sde] <= 0).any():
         bad = [i for i in range(num_steps) if sde[i] and s[i] <= 0]
@@ -126,4 +138,6 @@ def ddim_schedule(scheduler, num_steps: int, eta: float, sde_steps: Sequence[int
                          f"previous timestep 0, whose alphas coincide; the scheduler's steps_offset=0 puts the last "
                          f"step at t = 0): set steps_offset to 1 in scheduler/scheduler_config.json (as SD 1.x "
                          f"ships it) or end the SDE window before that step")
-    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde)
+    alpha_bars = torch.tensor(alpha_bars, dtype=torch.float64)
+    return StepSchedule(timesteps.to(torch.float64), a, b, s, sde, grid_alpha=alpha_bars.sqrt(),
+                        grid_sigma=(1.0 - alpha_bars).sqrt(), prediction="epsilon")

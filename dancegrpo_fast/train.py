@@ -31,6 +31,7 @@ from .export import export_checkpoint
 from .grpo import best_of_n, compute_advantages, too_many_unusable
 from .logging_utils import MetricsLogger, save_sample_grid, warn
 from .wandb_logging import WandbLogger
+from .multistep import sampling_plan
 from .model_setup import TrainingSetup
 from .noise import mix_seed, prompt_seeds, sample_seeds
 from .output_lock import claim_output_dir, lock_output_dir
@@ -69,12 +70,17 @@ class Trainer:
         self.prompts = PromptStream(load_prompts(c.rollout.prompt_file), c.runtime.seed)
         self.policy = policy if policy is not None else build_policy(c.model, c.sampler, self.device)
         self.schedule = self.policy.schedule()
+        self._window: List[int] = c.sampler.sde_steps(0)
+        self.plan = sampling_plan(self.schedule, c.sampler.ode_order, c.sampler.ode_steps_fraction)
+        # The held-out evaluation samples with one sampler for the whole run, the first-order one.
+        eval_schedule = (self.policy.schedule(list(range(c.sampler.num_steps))) if c.eval.sde_steps == "all"
+                         else self.schedule)
         self.rewards = (RewardSet.of(rewards) if rewards is not None else
                         RewardSet.from_specs(c.rollout.rewards, c.rollout.reward_modules, self.device))
         self.setup = TrainingSetup(self.policy, c, self.state)
         self.updater = GRPOUpdate(self.policy, self.schedule, c.grpo, c.optim, c.model.mixed_precision,
                                   self.setup.optimizer_step, self.setup.reference)
-        self.evaluator = Evaluator(c.eval, self.policy, self.schedule, self.rewards, c.rollout.batch_size,
+        self.evaluator = Evaluator(c.eval, self.policy, eval_schedule, self.rewards, c.rollout.batch_size,
                                    c.model.mixed_precision, output_dir, self.state)
         self.iteration = 0
         self.skipped_groups_total = 0
@@ -87,6 +93,7 @@ class Trainer:
         # (checkpointed) and identical on every rank.
         self.ddpo = (DDPOAdvantages(c.grpo.ddpo_buffer_size, c.grpo.ddpo_min_count)
                      if c.grpo.advantage == "ddpo" else None)
+        self.nfe_total = 0  # model evaluations so far (rollout forwards, training forwards and backwards)
         self._reward_pool: Optional[AsyncRewardPool] = None
         self.stop = StopOnSignal()  # SIGTERM/SIGINT: stop after the current iteration, with a checkpoint
         self.deferred_export: Optional[Path] = None  # set by _export under torchrun; main() runs it after cleanup
@@ -112,6 +119,7 @@ class Trainer:
         self.iteration += 1
         row = self._row(scores, stats, skipped, seconds)
         row.update(extra)
+        row.update(self._window_and_nfe(stats))
         if self.evaluator.due(self.iteration, c.runtime.num_iterations):
             row.update(self._evaluate())  # after the update, in this iteration's row
         self.logger.log(row)
@@ -146,9 +154,36 @@ class Trainer:
         if curve is not None:
             self.logger.log_image("eval/reward_curve", curve, self.iteration)
 
+    def _place_window(self) -> None:
+        """The SDE window of this iteration (it slides with sde_window_schedule): the schedule the
+        rollout and the update step with, and the rollout's plan (fewer / second-order ODE steps
+        outside the window: multistep.sampling_plan)."""
+        c = self.config
+        window = c.sampler.sde_steps(self.iteration)
+        if window != self._window:
+            self._window = window
+            self.schedule = self.policy.schedule(window)
+            self.updater.schedule = self.schedule
+            self.plan = sampling_plan(self.schedule, c.sampler.ode_order, c.sampler.ode_steps_fraction)
+
+    def _window_and_nfe(self, stats: UpdateStats) -> Dict:
+        """The window's position and this iteration's model evaluations (all ranks), per sample and
+        network call (classifier-free guidance counts two): rollout forwards, training forwards
+        (with the old log-prob and KL reference passes) and backwards, and the run's total."""
+        c, s = self.config, self.state
+        per_call = 2 if getattr(self.policy, "uses_cfg", False) else 1
+        rollout_nfe = c.samples_per_rank * s.world_size * self.plan.num_evaluations * per_call
+        train = all_reduce_sum(torch.tensor([stats.forward_passes, stats.backward_passes], dtype=torch.int64), s)
+        forward, backward = int(train[0]), int(train[1])
+        self.nfe_total += rollout_nfe + forward + backward
+        return {"sde_window_start": self._window[0], "sde_window_size": len(self._window),
+                "nfe_rollout": rollout_nfe, "nfe_train_forward": forward, "nfe_train_backward": backward,
+                "nfe_total": self.nfe_total}
+
     def collect(self, on_batch=None) -> Trajectory:
         """Rollout of this rank's prompts for the current iteration (on_batch: see rollout)."""
         c, s = self.config, self.state
+        self._place_window()
         per_rank = c.rollout.prompts_per_rank
         prompts, positions = self.prompts.take(per_rank * s.world_size)
         mine = slice(s.rank * per_rank, (s.rank + 1) * per_rank)
@@ -157,7 +192,8 @@ class Trainer:
         seeds_p = prompt_seeds(c.runtime.seed, self.iteration, first_prompt, per_rank)
         seeds_s = sample_seeds(c.runtime.seed, self.iteration, first_prompt * c.grpo.group_size, c.samples_per_rank)
         return rollout(self.policy, self.schedule, prompts, c.grpo.group_size, positions, seeds_p, seeds_s,
-                       c.rollout.batch_size, c.sampler.shared_noise, c.model.mixed_precision, on_batch=on_batch)
+                       c.rollout.batch_size, c.sampler.shared_noise, c.model.mixed_precision, on_batch=on_batch,
+                       plan=self.plan)
 
     def collect_and_score(self) -> Tuple[Trajectory, Tensor, Dict[str, Tensor], Dict[str, float]]:
         """Rollout, decoding and rewards. With reward_overlap, each rollout batch is decoded and
@@ -230,7 +266,9 @@ class Trainer:
     def trained_steps(self, trajectory: Trajectory) -> Tensor:
         """(B, T) the steps each sample trains this iteration (update.trained_steps)."""
         c = self.config
-        return trained_steps(trajectory.sample_seeds, c.sampler.trainable_steps(), c.trained_timesteps())
+        # The trajectory's own SDE steps: the window it was sampled with.
+        trainable = [i for i in trajectory.sde.nonzero().flatten().tolist() if i < c.sampler.num_steps - 1]
+        return trained_steps(trajectory.sample_seeds, trainable, c.trained_timesteps())
 
     def _row(self, scores: Dict[str, Tensor], stats: UpdateStats, skipped: int, seconds: Dict[str, float]) -> Dict:
         """The iteration's metrics row: reward means and stds (finite values over all ranks),
@@ -269,12 +307,14 @@ class Trainer:
         self.skipped_groups_total = int(training.get("skipped_groups_total", 0))
         if self.ddpo is not None and training.get("ddpo_tracker"):
             self.ddpo.load_state_dict(training["ddpo_tracker"])
+        self.nfe_total = int(training.get("nfe_total", 0))
         if self.setup.ema is not None and training.get("ema"):
             self.setup.ema.load(training["ema"])
         self.logger.truncate_after(self.iteration)
 
     def save(self) -> Path:
-        extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total}
+        extra = {"prompt_position": self.prompts.position, "skipped_groups_total": self.skipped_groups_total,
+                 "nfe_total": self.nfe_total}
         if self.ddpo is not None:
             extra["ddpo_tracker"] = self.ddpo.state_dict()
         ema = self.setup.ema.shadow if self.setup.ema is not None else None

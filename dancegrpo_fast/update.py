@@ -49,6 +49,10 @@ class UpdateStats:
     log_prob_gap: float
     optimizer_steps: int
     first_step_ratio_max_dev: float
+    # Model evaluations of this rank's update, one per sample (classifier-free guidance counts two):
+    # forwards with and without grad (old log-probs, the KL reference) and backwards.
+    forward_passes: int = 0
+    backward_passes: int = 0
 
     def metrics(self) -> dict:
         return {"loss": self.loss, "ratio_mean": self.ratio_mean, "ratio_max_dev": self.ratio_max_dev,
@@ -115,6 +119,8 @@ class GRPOUpdate:
         cond = self.policy.encode(trajectory.prompts)
         advantages = advantages.to(self.device, torch.float32)
         old_log_probs = torch.full((batch, count), float("nan"), dtype=torch.float32, device=self.device)
+        per_call = 2 if getattr(self.policy, "uses_cfg", False) else 1
+        forwards = backwards = 0
         # Old log-probs of the batches trained after the first optimizer step: training-time forward
         # at the sampling parameters (see the module docstring).
         if len(groups) > 1:
@@ -125,6 +131,7 @@ class GRPOUpdate:
                             v, x, x_next, _ = self._forward(trajectory, cond, rows, steps[rows, j])
                             coeffs = self.schedule.coefficients(steps[rows, j], self.device)
                             old_log_probs[rows.to(self.device), j] = ops.step_log_prob(v, x, x_next, coeffs)
+                            forwards += len(rows) * per_call
         scale = 1.0 / (accumulation * count)
         # Statistics stay on the device until the end: a float() per micro-step would stall the
         # GPU pipeline at every step.
@@ -162,6 +169,8 @@ class GRPOUpdate:
                                                       ref_model_output=reference, kl_beta=g.kl_beta)
                             loss = out.loss
                         (loss * scale).backward()
+                        forwards += len(rows) * per_call * (2 if reference is not None else 1)
+                        backwards += len(rows) * per_call
                         if group_index == 0:
                             old_log_probs[device_rows, j] = out.log_prob
                     totals["loss"] += loss.detach() * scale
@@ -182,4 +191,5 @@ class GRPOUpdate:
         return UpdateStats(loss=float(totals["loss"]) / len(groups), ratio_mean=float(totals["ratio"]) / n,
                            ratio_max_dev=float(ratio_max_dev), clip_fraction=float(totals["clipped"]) / n,
                            kl=float(totals["kl"]) / n, grad_norm=sum(grad_norms) / len(grad_norms), log_prob_gap=gap,
-                           optimizer_steps=len(groups), first_step_ratio_max_dev=float(first_step_dev))
+                           optimizer_steps=len(groups), first_step_ratio_max_dev=float(first_step_dev),
+                           forward_passes=forwards, backward_passes=backwards)

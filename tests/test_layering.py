@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dancegrpo_fast"
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: List[List[str]] = [
     ["sde", "noise", "trajectory", "distributed", "logging_utils", "wandb_logging", "config", "kernels",
-     "meta_measure", "sharded_checkpoint"],
-    ["schedules", "ops", "grpo", "ddpo"],
+     "meta_measure", "sharded_checkpoint", "sde_window"],
+    ["schedules", "ops", "grpo", "ddpo", "multistep"],
     ["policies", "rewards", "checkpoint", "reports", "prompts"],
     ["rollout", "output_lock", "run_report"],
     ["update", "evaluator", "model_setup", "export"],

@@ -164,9 +164,12 @@ class Policy(abc.ABC):
         self.attention = set_backend(self.model, resolved, what=self.model_component)
 
     # --- sampler -------------------------------------------------------------------------------
-    def schedule(self) -> StepSchedule:
+    def schedule(self, sde_steps: Optional[Sequence[int]] = None) -> StepSchedule:
+        """The sampler's steps; sde_steps: the stochastic ones (default: the configured window at
+        the first iteration)."""
         c = self.sampling
-        return flow_schedule(c.num_steps, c.shift, c.name, c.eta, c.sde_steps(), self.timestep_scale)
+        steps = c.sde_steps() if sde_steps is None else sde_steps
+        return flow_schedule(c.num_steps, c.shift, c.name, c.eta, steps, self.timestep_scale)
 
     @abc.abstractmethod
     def latent_shape(self) -> tuple:

@@ -2,7 +2,7 @@
 classifier-free guidance (default 5.0) in rollout and training."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +24,13 @@ class SDPolicy(Policy):
             raise ValueError(f"SD needs height and width divisible by {scale}, got {options.height}x{options.width}")
         self._shape = (self.model.config.in_channels, options.height // scale, options.width // scale)
 
-    def schedule(self) -> StepSchedule:
+    def schedule(self, sde_steps: Optional[Sequence[int]] = None) -> StepSchedule:
         from diffusers import DDIMScheduler
 
         # The DDIM step of SPEC 1c whatever scheduler the folder ships (SD 1.4 ships PNDM).
         scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         c = self.sampling
-        return ddim_schedule(scheduler, c.num_steps, c.eta, c.sde_steps())
+        return ddim_schedule(scheduler, c.num_steps, c.eta, c.sde_steps() if sde_steps is None else sde_steps)
 
     def latent_shape(self) -> tuple:
         return self._shape
