@@ -26,6 +26,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 FAMILIES = ("flux", "sd3", "sd", "hunyuan_video", "wan", "tiny")
 SAMPLERS = ("dance", "flow_grpo", "ddim")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
@@ -58,6 +60,10 @@ class ModelConfig:
     mixed_precision: str = _f("bf16", "bf16: bfloat16 autocast on CUDA (ignored on CPU); no: full precision")
     attention_backend: str = _f("native", "diffusers attention backend: native (PyTorch SDPA), flash (flash-attn), xformers, ...")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    compile: bool = _f(False, "torch.compile the model's forward for rollout, training and evaluation (the first calls of each kind pay the compile time)")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    compile_scope: str = _f("blocks", "blocks: compile each repeated transformer/UNet block (compiled once per block type; sharding stays between blocks under fsdp); model: the whole forward as one graph")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels; on the CPU it needs a C++ compiler), or aot_eager / eager (graph capture without code generation, for debugging)")
     offload_text_encoders: bool = _f(False, "keep the text encoders on the CPU and move them to the GPU only to encode prompts not yet cached (saves e.g. HunyuanVideo's 16 GB Llama per GPU)")
     max_sequence_length: int = _f(256, "text encoder sequence length (T5/UMT5/Llama)")
     height: int = _f(720, "image/video height in pixels")
@@ -220,6 +226,9 @@ class TrainConfig:
         need(rt.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {rt.parallel!r}")
         need(m.mixed_precision in ("bf16", "no"), f"mixed_precision must be 'bf16' or 'no', got {m.mixed_precision!r}")
         need(m.dtype in ("float32", "bfloat16", "float16"), f"model_dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+        need(m.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {m.compile_mode!r}")
+        need(m.compile_scope in ("blocks", "model"), f"compile_scope must be 'blocks' or 'model', got {m.compile_scope!r}")
+        need(m.compile_backend in COMPILE_BACKENDS, f"compile_backend must be one of {COMPILE_BACKENDS}, got {m.compile_backend!r}")
         need(o.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
              f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {o.lr_scheduler!r}")
         need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")
