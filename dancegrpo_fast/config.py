@@ -229,6 +229,8 @@ class TrainConfig:
         need(m.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {m.compile_mode!r}")
         need(m.compile_scope in ("blocks", "model"), f"compile_scope must be 'blocks' or 'model', got {m.compile_scope!r}")
         need(m.compile_backend in COMPILE_BACKENDS, f"compile_backend must be one of {COMPILE_BACKENDS}, got {m.compile_backend!r}")
+        need(m.compile_mode == "default" or m.compile_backend == "inductor",
+             f"compile_mode {m.compile_mode!r} is an Inductor mode: it needs compile_backend 'inductor', got {m.compile_backend!r}")
         need(o.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
              f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {o.lr_scheduler!r}")
         need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")

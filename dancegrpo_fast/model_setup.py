@@ -1,6 +1,6 @@
 """Getting a policy's model ready to train: LoRA or full fine-tune, float32 master weights,
-gradient checkpointing, the frozen KL reference, the DDP/FSDP2 wrapper, torch.compile, the EMA, AdamW and its
-learning-rate schedule, and the optimizer step (clip, step, schedule, EMA)."""
+gradient checkpointing, the frozen KL reference, the DDP/FSDP2 wrapper, torch.compile, the EMA,
+AdamW and its learning-rate schedule, and the optimizer step (clip, step, schedule, EMA)."""
 from __future__ import annotations
 
 import copy
@@ -27,15 +27,17 @@ def add_lora(model: nn.Module, optim: OptimConfig) -> None:
             param.data = param.data.float()  # LoRA weights train in float32
 
 
-def compile_model(model: nn.Module, mode: str = "default", scope: str = "blocks", backend: str = "inductor") -> List[nn.Module]:
+def compile_model(model: nn.Module, mode: str = "default", scope: str = "blocks",
+                  backend: str = "inductor") -> List[nn.Module]:
     """torch.compile the model's forward in place (nn.Module.compile): the module keeps its
     identity, parameter names and state-dict keys, so LoRA, the EMA, checkpoints and the DDP/FSDP2
     wrappers see the same model. Returns the modules compiled.
 
     scope "blocks" compiles each repeated block (distributed.sharded_blocks: transformer blocks,
     UNet down/up blocks) -- regional compilation: identical blocks share one compiled graph, so
-    compile time does not grow with depth, and under FSDP2 each block's all-gather hooks stay
-    outside the graphs; the embedders and the output head run eagerly. A model without such
+    compile time does not grow with depth, and under FSDP2 the sharding units are the compiled
+    units (dynamo runs FSDP2's hooks eagerly: torch._dynamo.config.skip_fsdp_hooks, on by
+    default); the embedders and the output head run eagerly. A model without such
     blocks is compiled whole. scope "model" compiles the whole forward.
 
     Each kind of call compiles on its first use: rollout (eval mode, no grad), training (train

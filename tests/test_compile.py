@@ -129,3 +129,5 @@ def test_compile_model_keeps_names_and_scope():
 def test_bad_compile_settings(setting, value, expected):
     with pytest.raises(ValueError, match=expected):
         tiny_config(True, **{setting: value})
+    with pytest.raises(ValueError, match="compile_mode 'max-autotune' is an Inductor mode"):
+        tiny_config(True, compile_mode="max-autotune", compile_backend="aot_eager")
