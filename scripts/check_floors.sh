@@ -55,7 +55,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 say "installing $torch_spec"
 "${pip[@]}" install "$torch_spec" >>"$log" 2>&1 || { say "FAILED installing $torch_spec"; exit 1; }
 # torch stays as installed (-c keeps the resolver from replacing it) while the floors go in.
-"$venv/bin/python" -c 'import torch; print(f"torch=={torch.__version__.split(\"+\")[0]}")' >"$venv/torch-constraint.txt"
+"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" >"$venv/torch-constraint.txt" \
+    || { say "FAILED importing the installed torch"; exit 1; }
 say "installing the floors: $others"
 # shellcheck disable=SC2086
 "${pip[@]}" install -c "$venv/torch-constraint.txt" $others >>"$log" 2>&1 || { say "FAILED installing the floors"; exit 1; }
