@@ -74,8 +74,8 @@ timeout 200 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_step_loss_ben
 [ -f "$out/flux_iteration_cuda.json" ] && "$py" benchmarks/summarize.py "$out/flux_iteration_cuda.json" 2>&1 | tee -a "$out/gpu_check.log"
 
 log "5. --compile on the tiny model: eager vs compiled (inductor), rollout/update time, compile time"
-timeout 200 "$py" benchmarks/bench_compile.py --device cuda --iterations 4 --variants eager,blocks,model \
-    --timeout 90 --output "$out/compile_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tee -a "$out/bench.log" | tail -5
+timeout 420 "$py" benchmarks/bench_compile.py --device cuda --iterations 4 --variants eager,blocks,model \
+    --timeout 130 --output "$out/compile_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tee -a "$out/bench.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "COMPILE BENCHMARK FAILED (see bench.log)"; status=1; }
 
 log "done (status $status); results in $out"
