@@ -15,11 +15,14 @@
 #      FLUX_VARIANTS picks others, e.g. trainer_batched; each variant holds its own 24 GB model)
 #   4. step-loss benchmarks: fused vs eager vs torch.compile, time, fraction of the measured copy
 #      bandwidth, peak memory (benchmarks/test_step_loss_bench.py)
+#   5. --compile on the tiny model: eager vs compiled (blocks and whole model), rollout and update
+#      seconds per iteration, compile time, log-prob and weight differences (benchmarks/bench_compile.py)
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]      (default: $OUT if set, else benchmarks/results/gpu)
 #
-# At most 8 files land in OUTDIR (the device tool brings back 8): gpu_check.log, build.log,
-# info.json, tests.log, flux.log, flux_iteration_cuda.json, bench.log, step_loss_cuda.json.
+# At most 8 files land in OUTDIR (the device tool brings back 8): gpu_check.log (info.json's
+# content included), build.log, tests.log, flux.log, flux_iteration_cuda.json, bench.log,
+# step_loss_cuda.json, compile_cuda.json.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-${OUT:-$repo/benchmarks/results/gpu}}"
@@ -47,8 +50,7 @@ if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-1
         timeout 240 "$py" -m pip install --no-build-isolation --no-deps -e . >>"$out/build.log" 2>&1; then
     log "BUILD FAILED (see build.log)"; tail -30 "$out/build.log"; status=1
 fi
-"$py" -m dancegrpo_fast.info --json > "$out/info.json" 2>&1
-cat "$out/info.json" | tee -a "$out/gpu_check.log"
+"$py" -m dancegrpo_fast.info --json 2>&1 | tee -a "$out/gpu_check.log"
 so=$(ls dancegrpo_fast/_C*.so 2>/dev/null | head -1)
 [ -n "$so" ] && log "extension: $so; $(cuobjdump --list-elf "$so" 2>&1 | tr '\n' ' ')"
 
@@ -73,6 +75,11 @@ timeout 200 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_step_loss_ben
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "BENCHMARKS FAILED"; status=1; }
 "$py" benchmarks/summarize.py "$out/step_loss_cuda.json" 2>&1 | tee -a "$out/gpu_check.log"
 [ -f "$out/flux_iteration_cuda.json" ] && "$py" benchmarks/summarize.py "$out/flux_iteration_cuda.json" 2>&1 | tee -a "$out/gpu_check.log"
+
+log "5. --compile on the tiny model: eager vs compiled (inductor), rollout/update time, compile time"
+timeout 420 "$py" benchmarks/bench_compile.py --device cuda --iterations 4 --variants eager,blocks,model \
+    --timeout 130 --output "$out/compile_cuda.json" 2>&1 | grep -v -E "Warning|warn" | tee -a "$out/bench.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || { log "COMPILE BENCHMARK FAILED (see bench.log)"; status=1; }
 
 log "done (status $status); results in $out"
 exit $status

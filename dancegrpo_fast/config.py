@@ -60,6 +60,8 @@ ADVANTAGES = ("group", "global", "ddpo")
 DDPO_DEFAULTS: Dict[str, Any] = {"sampler.shared_noise": False, "grpo.timestep_fraction": 1.0,
                                  "grpo.clip_range": 1e-4, "grpo.adv_clip_max": 5.0}
 SDE_WINDOW_SCHEDULES = SCHEDULES
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def _f(default, help: str, flat: Optional[str] = None, path: bool = False):
@@ -92,6 +94,10 @@ class ModelConfig:
     mixed_precision: str = _f("bf16", "bf16: bfloat16 autocast on CUDA (ignored on CPU); no: full precision")
     attention_backend: str = _f("auto", "attention backend of every attention layer of the model: auto (FlashAttention when installed on CUDA, FA3 on Hopper; else PyTorch SDPA), native (PyTorch SDPA), flash (flash-attn 2), _flash_3 (FA3), xformers, or another diffusers AttentionBackendName")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    compile: bool = _f(False, "torch.compile the model's forward for rollout, training and evaluation (the first calls of each kind pay the compile time)")
+    compile_mode: str = _f("default", "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    compile_scope: str = _f("blocks", "blocks: compile each repeated transformer/UNet block (compiled once per block type; sharding stays between blocks under fsdp); model: the whole forward as one graph")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels; on the CPU it needs a C++ compiler), or aot_eager / eager (graph capture without code generation, for debugging)")
     offload_text_encoders: bool = _f(False, "keep the text encoders on the CPU and move them to the GPU only to encode prompts not yet cached (saves e.g. HunyuanVideo's 16 GB Llama per GPU)")
     max_sequence_length: int = _f(256, "text encoder sequence length (T5/UMT5/Llama)")
     height: int = _f(720, "image/video height in pixels")
@@ -317,6 +323,11 @@ class TrainConfig:
         need(m.attention_backend in backends,
              f"attention_backend must be auto or one of diffusers' attention backends ({', '.join(backends[1:])}), "
              f"got {m.attention_backend!r}")
+        need(m.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {m.compile_mode!r}")
+        need(m.compile_scope in ("blocks", "model"), f"compile_scope must be 'blocks' or 'model', got {m.compile_scope!r}")
+        need(m.compile_backend in COMPILE_BACKENDS, f"compile_backend must be one of {COMPILE_BACKENDS}, got {m.compile_backend!r}")
+        need(m.compile_mode == "default" or m.compile_backend == "inductor",
+             f"compile_mode {m.compile_mode!r} is an Inductor mode: it needs compile_backend 'inductor', got {m.compile_backend!r}")
         need(o.lr_scheduler in ("constant", "constant_with_warmup", "linear", "cosine"),
              f"lr_scheduler must be constant, constant_with_warmup, linear or cosine, got {o.lr_scheduler!r}")
         need(o.lr > 0 and math.isfinite(o.lr), f"lr must be > 0, got {o.lr!r}")

@@ -1,6 +1,6 @@
 """Getting a policy's model ready to train: LoRA or full fine-tune, float32 master weights,
-gradient checkpointing, the frozen KL reference, the DDP/FSDP2 wrapper, the EMA, AdamW and its
-learning-rate schedule, and the optimizer step (clip, step, schedule, EMA)."""
+gradient checkpointing, the frozen KL reference, the DDP/FSDP2 wrapper, torch.compile, the EMA,
+AdamW and its learning-rate schedule, and the optimizer step (clip, step, schedule, EMA)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import distribute_tensor
 
 from .config import OptimConfig, TrainConfig
-from .distributed import DistributedState, wrap_model
+from .distributed import DistributedState, sharded_blocks, wrap_model
 from .policies.base import Policy
 
 
@@ -26,6 +26,41 @@ def add_lora(model: nn.Module, optim: OptimConfig) -> None:
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # LoRA weights train in float32
+
+
+def compile_model(model: nn.Module, mode: str = "default", scope: str = "blocks",
+                  backend: str = "inductor") -> List[nn.Module]:
+    """torch.compile the model's forward in place (nn.Module.compile): the module keeps its
+    identity, parameter names and state-dict keys, so LoRA, the EMA, checkpoints and the DDP/FSDP2
+    wrappers see the same model. Returns the modules compiled.
+
+    scope "blocks" compiles each repeated block (distributed.sharded_blocks: transformer blocks,
+    UNet down/up blocks) -- regional compilation: identical blocks share one compiled graph, so
+    compile time does not grow with depth, and under FSDP2 the sharding units are the compiled
+    units (dynamo runs FSDP2's hooks eagerly: torch._dynamo.config.skip_fsdp_hooks, on by
+    default); the embedders and the output head run eagerly. A model without such
+    blocks is compiled whole. scope "model" compiles the whole forward.
+
+    Each kind of call compiles on its first use: rollout (eval mode, no grad), training (train
+    mode, with grad), the old-log-prob and LoRA-reference passes (no grad, adapters off), and a
+    second batch size (then once more with dynamic shapes)."""
+    from torch import _dynamo
+
+    # Those kinds x block types can pass dynamo's default of 8 compiled versions of a frame, after
+    # which it would silently run the rest eagerly.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(_dynamo.config, name):
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), 64))
+            break
+    kwargs = {"backend": backend}
+    if backend == "inductor" and mode != "default":
+        kwargs["mode"] = mode  # modes are inductor's
+    targets = list(sharded_blocks(model)) if scope == "blocks" else []
+    if not targets:
+        targets = [model]
+    for module in targets:
+        module.compile(**kwargs)
+    return targets
 
 
 class EMA:
@@ -92,6 +127,11 @@ class TrainingSetup:
         if config.grpo.kl_beta > 0 and not o.use_lora:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         policy.forward_model = wrap_model(model, config.runtime.parallel, state, config.model.mixed_precision)
+        if config.model.compile:  # after wrapping: FSDP2's hooks are in place and stay eager
+            m = config.model
+            compile_model(model, m.compile_mode, m.compile_scope, m.compile_backend)
+            if self.reference is not None:
+                compile_model(self.reference, m.compile_mode, m.compile_scope, m.compile_backend)
         self.parameters: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("the model has no trainable parameters (check lora_target_modules)")

@@ -9,6 +9,34 @@ from torch import Tensor, nn
 from .base import Conditioning, Policy, to_unit_range
 
 
+# FLUX's token layout, written here rather than taken from FluxPipeline's private
+# _prepare_latent_image_ids / _pack_latents / _unpack_latents (private names may change in any
+# diffusers release); tests/test_flux_packing.py checks them equal to diffusers' on random inputs.
+
+def latent_image_ids(rows: int, cols: int, device=None) -> Tensor:
+    """(rows * cols, 3) float32 position ids of the packed tokens, row-major: (0, row, column)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device)
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """VAE latents (B, C, H, W) -> tokens (B, (H/2)(W/2), 4C): each 2x2 patch one token, its
+    features channel-major (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of pack_latents: tokens (B, (H/2)(W/2), 4C) -> (B, C, H, W), H and W the latent
+    (not pixel) height and width."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
 class FluxPolicy(Policy):
     """Latents in model space are FLUX's packed tokens (B, (H/2)(W/2), 4C) of the VAE latent
     (B, C, H, W). The transformer receives timestep int(sigma*1000)/1000 (it scales by 1000
@@ -27,8 +55,7 @@ class FluxPolicy(Policy):
         self.latent_height = 2 * (options.height // (vae_scale * 2))
         self.latent_width = 2 * (options.width // (vae_scale * 2))
         self.latent_channels = self.model.config.in_channels // 4
-        self.image_ids = self.pipe._prepare_latent_image_ids(1, self.latent_height // 2, self.latent_width // 2,
-                                                             self.device, torch.float32)
+        self.image_ids = latent_image_ids(self.latent_height // 2, self.latent_width // 2, self.device)
         self.has_guidance = bool(self.model.config.guidance_embeds)
 
     def latent_shape(self) -> tuple:
@@ -54,7 +81,6 @@ class FluxPolicy(Policy):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
-        unpacked = self.pipe._unpack_latents(latents, self.options.height, self.options.width,
-                                             self.pipe.vae_scale_factor)
+        unpacked = unpack_latents(latents, self.latent_height, self.latent_width)
         unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
         return to_unit_range(vae.decode(unpacked.to(vae.dtype), return_dict=False)[0])

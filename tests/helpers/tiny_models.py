@@ -65,8 +65,24 @@ def t5_tokenizer(model_max_length: int = 16):
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(piece, -1.0 if len(piece) > 2 else -5.0) for piece in _pieces()]
+    if _transformers_major() < 5:  # 4.x: T5Tokenizer needs a sentencepiece file; the fast class takes a backend
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import T5TokenizerFast
+
+        backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                               special_tokens=[("</s>", 1)])
+        return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=model_max_length), len(vocab)
     tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     return tok, len(vocab)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
 
 
 def llama_tokenizer(model_max_length: int = 256):
@@ -77,6 +93,15 @@ def llama_tokenizer(model_max_length: int = 256):
     for piece in _pieces():
         if len(piece) <= 2:
             vocab.setdefault(piece, len(vocab))
+    if _transformers_major() < 5:  # 4.x: LlamaTokenizer needs a sentencepiece file; the fast class takes a backend
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import LlamaTokenizerFast
+
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        return LlamaTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", model_max_length=model_max_length), len(vocab)
     tok = LlamaTokenizer(vocab=vocab, merges=[], pad_token="<pad>", model_max_length=model_max_length)
     return tok, len(vocab)
 
