@@ -56,9 +56,9 @@ echo "[setup] installing $torch_spec, numpy and the build tools (a few minutes t
 # imports it when the extension compiles, and warns "Failed to initialize NumPy" without it.
 step "installing the build tools" pipi --upgrade pip "setuptools>=77" wheel ninja
 step "installing torch and numpy" pipi "$torch_spec" numpy
-echo "[setup] compiling the extension and installing dancegrpo_fast with its test, train and reward extras"
+echo "[setup] compiling the extension and installing dancegrpo_fast with its test, train, reward and wandb extras"
 # --no-build-isolation: compile against the torch installed above, not a freshly downloaded one.
-step "installing dancegrpo_fast" pipi --no-build-isolation -e "$repo[test,train,rewards]"
+step "installing dancegrpo_fast" pipi --no-build-isolation -e "$repo[test,train,rewards,wandb]"
 step "checking the installed package" "$vpy" -m dancegrpo_fast.info
 echo "$stamp" > "$venv/.dancegrpo_fast_stamp"
 summary="$("$vpy" -c '
