@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
+from helpers.policy_checks import log_probs_at, pipeline_parameters  # noqa: E402
 from helpers.tiny_i2v import make_skyreels_i2v, make_wan_i2v, write_image_prompts, write_images  # noqa: E402
 from helpers.tiny_models import write_prompts  # noqa: E402
 
-from dancegrpo_fast import ops  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.prompts import ImagePrompt, load_prompts  # noqa: E402
 from dancegrpo_fast.train import Trainer  # noqa: E402
@@ -86,24 +86,6 @@ def make_config(folder, prompt_file, tmp_path, family="skyreels_i2v", **override
     return TrainConfig.from_dict(values)
 
 
-def _log_probs_at(trainer, trajectory, steps, batch_size=2):
-    cond = trainer.policy.encode(trajectory.prompts)
-    out = torch.empty(steps.shape)
-    with torch.no_grad():
-        for rows in torch.arange(trajectory.batch_size).split(batch_size):
-            for j in range(steps.shape[1]):
-                step = steps[rows, j]
-                v, x, x_next, _ = trainer.updater._forward(trajectory, cond, rows, step)
-                out[rows, j] = ops.step_log_prob(v, x, x_next, trainer.schedule.coefficients(step, trainer.device))
-    return out
-
-
-def _parameters(policy):
-    return {f"{name}.{key}": value.detach().clone()
-            for name, module in policy.pipe.components.items() if isinstance(module, torch.nn.Module)
-            for key, value in module.state_dict().items()}
-
-
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_i2v_rollout_ratio_update_and_saved_weights(folders, prompt_file, tmp_path, family, use_lora):
@@ -147,19 +129,19 @@ def test_i2v_rollout_ratio_update_and_saved_weights(folders, prompt_file, tmp_pa
 
     # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
     all_steps = torch.arange(4).repeat(4, 1)
-    recomputed = _log_probs_at(trainer, trajectory, all_steps)
+    recomputed = log_probs_at(trainer, trajectory, all_steps)
     assert ((recomputed - trajectory.log_probs).exp() - 1).abs().max() < 1e-6
 
     # One update on a fixed batch: only trainable transformer parameters change; the loss drops.
     advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
     steps = trainer.trained_steps(trajectory)
-    before_lp = _log_probs_at(trainer, trajectory, steps)
-    before = _parameters(policy)
+    before_lp = log_probs_at(trainer, trajectory, steps)
+    before = pipeline_parameters(policy)
     trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
     stats = trainer.update(trajectory, advantages)
     assert stats.first_step_ratio_max_dev == 0.0
-    after = _parameters(policy)
-    after_lp = _log_probs_at(trainer, trajectory, steps)
+    after = pipeline_parameters(policy)
+    after_lp = log_probs_at(trainer, trajectory, steps)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("transformer.") and k[len("transformer."):] in trainable for k in changed)
     if use_lora:

@@ -11,9 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.fixtures import _single_thread  # noqa: E402,F401  (fixtures)
+from helpers.policy_checks import log_probs_at, pipeline_parameters  # noqa: E402
 from helpers.tiny_models import BUILDERS, write_prompts  # noqa: E402
 
-from dancegrpo_fast import ops  # noqa: E402
 from dancegrpo_fast.config import TrainConfig  # noqa: E402
 from dancegrpo_fast.train import Trainer  # noqa: E402
 
@@ -48,25 +48,6 @@ def make_config(family, folder, tmp_path, **overrides) -> TrainConfig:
 def family_folder(request, tmp_path_factory):
     family = request.param
     return family, BUILDERS[family](tmp_path_factory.mktemp(family) / "model")
-
-
-def _log_probs_at(trainer, trajectory, steps, batch_size=2):
-    """(B, T) training-time log-probs of the given per-sample steps, `batch_size` samples per call."""
-    cond = trainer.policy.encode(trajectory.prompts)
-    out = torch.empty(steps.shape)
-    with torch.no_grad():
-        for rows in torch.arange(trajectory.batch_size).split(batch_size):
-            for j in range(steps.shape[1]):
-                step = steps[rows, j]
-                v, x, x_next, _ = trainer.updater._forward(trajectory, cond, rows, step)
-                out[rows, j] = ops.step_log_prob(v, x, x_next, trainer.schedule.coefficients(step, trainer.device))
-    return out
-
-
-def _parameters(policy):
-    return {f"{name}.{key}": value.detach().clone()
-            for name, module in policy.pipe.components.items() if isinstance(module, torch.nn.Module)
-            for key, value in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
@@ -104,19 +85,19 @@ def test_policy_rollout_ratio_and_update(family_folder, tmp_path, use_lora):
 
     # Rollout log-prob == log-prob recomputed by the training pass at the same parameters.
     all_steps = torch.arange(config.sampler.num_steps).repeat(4, 1)
-    recomputed = _log_probs_at(trainer, trajectory, all_steps)
+    recomputed = log_probs_at(trainer, trajectory, all_steps)
     assert ((recomputed - trajectory.log_probs).exp() - 1).abs().max() < 1e-6
 
     # One update on a fixed batch: only trainable parameters change; the surrogate loss drops.
     advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
     steps = trainer.trained_steps(trajectory)
-    before_lp = _log_probs_at(trainer, trajectory, steps)
-    before = _parameters(policy)
+    before_lp = log_probs_at(trainer, trajectory, steps)
+    before = pipeline_parameters(policy)
     trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
     stats = trainer.update(trajectory, advantages)
     assert stats.first_step_ratio_max_dev == 0.0
-    after = _parameters(policy)
-    after_lp = _log_probs_at(trainer, trajectory, steps)
+    after = pipeline_parameters(policy)
+    after_lp = log_probs_at(trainer, trajectory, steps)
     prefix = f"{policy.model_component}."
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed, "the update changed nothing"

@@ -117,17 +117,8 @@ class DispatchAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        # The dispatcher's layout is (B, S, heads, D); the q/k norms act on D alone.
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, query, attn.to_k(encoder_hidden_states),
+                                             attn.to_v(encoder_hidden_states))
 
         out_dtype = query.dtype
         hidden_states = _dispatch(query, key, value, attention_mask, self._attention_backend)
@@ -141,6 +132,21 @@ class DispatchAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _heads(attn, query: Tensor, key: Tensor, value: Tensor):
+    """(B, S, heads * D) projections -> the dispatcher's (B, S, heads, D) layout, with the layer's
+    q/k norms (they act on D alone); returns (query, key, value, D)."""
+    batch_size = query.shape[0]
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim)
+    key = key.view(batch_size, -1, attn.heads, head_dim)
+    value = value.view(batch_size, -1, attn.heads, head_dim)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class DispatchJointAttnProcessor:
     """diffusers' `JointAttnProcessor2_0` (SD3's joint image + text attention, and its dual
     image-only attention) with its attention through `dispatch_attention_fn`. Same math."""
@@ -152,17 +158,8 @@ class DispatchJointAttnProcessor:
                  attention_mask: Optional[Tensor] = None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                             attn.to_v(hidden_states))
 
         if encoder_hidden_states is not None:
             context_query = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)

@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .tiny_models import clip_text_model, clip_tokenizer, llama_tokenizer
+from .tiny_models import make_hunyuan_video
 
 
 def make_skyreels_i2v(folder, seed: int = 0) -> Path:
@@ -16,36 +16,10 @@ def make_skyreels_i2v(folder, seed: int = 0) -> Path:
     transformer that takes the noisy latents and the image latents (in_channels 2 x 4 = 8,
     out_channels 4), in HunyuanSkyreelsImageToVideoPipeline's layout; 5 frames of 16x16 -> 2
     latent frames of 4x4. The guidance embedding is on, as the pipeline always passes it."""
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler,
-                           HunyuanSkyreelsImageToVideoPipeline, HunyuanVideoTransformer3DModel)
-    from transformers import LlamaConfig, LlamaModel
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    clip_tok = clip_tokenizer(folder / "_tok_clip")
-    llama_tok, llama_vocab = llama_tokenizer()
-    llama = LlamaModel(LlamaConfig(vocab_size=llama_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                                   pad_token_id=3, bos_token_id=1, eos_token_id=2)).eval()
-    transformer = HunyuanVideoTransformer3DModel(in_channels=8, out_channels=4, num_attention_heads=2,
-                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
-                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                                 text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4),
-                                                 guidance_embeds=True)
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
-                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
-                                    temporal_compression_ratio=4, mid_block_add_attention=True).eval()
-    pipe = HunyuanSkyreelsImageToVideoPipeline(
-        text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=clip_text_model(len(clip_tok), max_positions=77), tokenizer_2=clip_tok)
-    pipe.save_pretrained(folder)
-    import shutil
-
-    shutil.rmtree(folder / "_tok_clip", ignore_errors=True)
-    return folder
+    return make_hunyuan_video(folder, seed, pipeline_class=HunyuanSkyreelsImageToVideoPipeline, in_channels=8,
+                              guidance_embeds=True, shift=7.0)
 
 
 def write_images(folder, count: int = 4, size: Tuple[int, int] = (24, 20)) -> list:

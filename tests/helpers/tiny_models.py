@@ -215,9 +215,12 @@ def make_sd(folder, seed: int = 0) -> Path:
     return folder
 
 
-def make_hunyuan_video(folder, seed: int = 0) -> Path:
+def make_hunyuan_video(folder, seed: int = 0, pipeline_class=None, in_channels: int = 4,
+                       guidance_embeds: bool = False, shift: float = 5.0) -> Path:
     """Tiny HunyuanVideo T2V: a Llama text encoder and a CLIP; a VAE with 4x spatial and 4x temporal
-    compression: 5 frames of 16x16 -> 2 latent frames of 4x4."""
+    compression: 5 frames of 16x16 -> 2 latent frames of 4x4. pipeline_class / in_channels /
+    guidance_embeds / shift: the same model in another HunyuanVideo pipeline's layout (SkyReels
+    I2V: tiny_i2v.make_skyreels_i2v)."""
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
     from transformers import LlamaConfig, LlamaModel
@@ -229,18 +232,20 @@ def make_hunyuan_video(folder, seed: int = 0) -> Path:
     llama = LlamaModel(LlamaConfig(vocab_size=llama_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                                    pad_token_id=3, bos_token_id=1, eos_token_id=2)).eval()
-    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+    transformer = HunyuanVideoTransformer3DModel(in_channels=in_channels, out_channels=4, num_attention_heads=2,
                                                  attention_head_dim=8, num_layers=1, num_single_layers=1,
                                                  num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                                 text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4))
+                                                 text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4),
+                                                 guidance_embeds=guidance_embeds)
     vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
                                     down_block_types=("HunyuanVideoDownBlock3D",) * 3,
                                     up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
                                     layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
                                     temporal_compression_ratio=4, mid_block_add_attention=True).eval()
-    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-                                text_encoder_2=clip_text_model(len(clip_tok), max_positions=77), tokenizer_2=clip_tok)
+    pipe = (pipeline_class or HunyuanVideoPipeline)(
+        text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        text_encoder_2=clip_text_model(len(clip_tok), max_positions=77), tokenizer_2=clip_tok)
     pipe.save_pretrained(folder)
     _cleanup(folder)
     return folder
