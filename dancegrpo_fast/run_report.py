@@ -71,6 +71,8 @@ def summary_block(config: TrainConfig, rows: Sequence[Dict], wall_seconds: float
             lines.append(f"  {name:17s} {out / name}")
     if last_checkpoint is not None:
         lines.append(f"  last checkpoint   {last_checkpoint}")
+    if not stopped_early and (out / "export" / "export.json").is_file():
+        lines.append(f"  diffusers export  {out / 'export'} (from_pretrained; python -m dancegrpo_fast.export for another checkpoint)")
     lines.append(f"  go on with        {continue_command(config, extend=not stopped_early)}")
     return "\n".join(lines)
 

@@ -352,6 +352,7 @@ def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
     assert f"held-out tiny_geneval    {before:.3f} -> {after:.3f}" in printed, printed
     assert "    clean " in printed and "fully_correct" in printed
     assert f"last checkpoint   {find_latest(tmp_path / 'out')}" in printed
+    assert f"diffusers export  {tmp_path / 'out' / 'export'} (from_pretrained" in printed
     assert f"--output_dir {tmp_path / 'out'} --resume latest --num_iterations 2" in printed
 
 
