@@ -258,10 +258,10 @@ class AestheticHead(nn.Module):
 _MLP_KEYS = {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
 
 
-def read_state_dict(checkpoint_path: str, what: str) -> Dict[str, torch.Tensor]:
+def read_state_dict(checkpoint_path: str, what: str, mmap: bool = False) -> Dict[str, torch.Tensor]:
     """A checkpoint file as a state dict: .safetensors, or a torch file holding a state dict or
     {"state_dict": ...}; a DistributedDataParallel `module.` prefix is removed. Errors name `what`
-    and the file."""
+    and the file. mmap: a torch file is memory-mapped, not read into memory (multi-GB checkpoints)."""
     checkpoint_path = os.fspath(checkpoint_path)
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"{what} checkpoint not found: {checkpoint_path}")
@@ -271,7 +271,7 @@ def read_state_dict(checkpoint_path: str, what: str) -> Dict[str, torch.Tensor]:
 
             state = load_file(checkpoint_path)
         else:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         raise ValueError(f"cannot read the {what} checkpoint {checkpoint_path}: {error}") from error
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):

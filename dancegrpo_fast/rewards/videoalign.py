@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Reward, register_reward, validate_inputs
-from .clip_models import resolve_dtype
+from .clip_models import read_state_dict, resolve_dtype
 
 __all__ = ["VideoAlignReward", "VideoAlignModel", "VideoAlignLayout", "load_videoalign", "read_layout",
            "convert_checkpoint", "read_reward_tokens", "smart_resize", "sample_frame_indices", "patchify",
@@ -449,14 +449,7 @@ def load_videoalign(layout: VideoAlignLayout, dtype: torch.dtype = torch.float32
     with open(os.path.join(layout.base_model_path, "preprocessor_config.json")) as handle:
         preprocessor = json.load(handle)
 
-    try:
-        state = torch.load(layout.weights, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ValueError(f"cannot read the VideoAlign weights {layout.weights}: {error}") from None
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"VideoAlign weights {layout.weights} are not a state dict of tensors")
+    state = read_state_dict(layout.weights, "VideoAlign", mmap=True)
     # Merged weights are kept in the scoring dtype: a float32 model gets the exact sum, not the
     # sum rounded back to the checkpoint's bfloat16.
     backbone_state, head = convert_checkpoint(state, _lora_scaling(layout.peft, source), layout.weights, dtype)
