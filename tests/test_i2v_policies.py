@@ -210,15 +210,11 @@ def test_model_input_is_the_pipelines(folder, tmp_path, monkeypatch):
 
 
 
-def test_wan_model_input_is_the_pipelines(folders, tmp_path, monkeypatch):
+def test_wan_model_input_is_the_pipelines(folders, tmp_path):
     """wan_i2v: the transformer's input equals WanImageToVideoPipeline's for the same image, prompt
     and x_T: [noisy latents, the 4-channel mask, the normalised condition latents of the image
     followed by black frames] on the channels, the CLIP image tokens, the text; CFG's unconditional
-    half keeps the image. (The pipeline's prompt cleaning needs ftfy, absent here: an identity
-    stands in, which is what ftfy does to plain ASCII text.)"""
-    from types import SimpleNamespace
-
-    import diffusers.pipelines.wan.pipeline_wan_i2v as wan_i2v_module
+    half keeps the image."""
     from PIL import Image
 
     from dancegrpo_fast.policies import build_policy
@@ -231,7 +227,6 @@ def test_wan_model_input_is_the_pipelines(folders, tmp_path, monkeypatch):
     policy = build_policy(config.model, config.sampler)
     x = torch.randn((1,) + policy.latent_shape(), generator=rng)
 
-    monkeypatch.setattr(wan_i2v_module, "ftfy", SimpleNamespace(fix_text=lambda text: text), raising=False)
     seen = []
     keys = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_image")
     handle = policy.model.register_forward_pre_hook(

@@ -21,20 +21,7 @@ from .image_to_video import ImageToVideo
 from .wan import WanPolicy
 
 
-class _WanText(WanPolicy):
-    """Wan's text encoding through WanPipeline's own method: diffusers 0.42's
-    WanImageToVideoPipeline cleans prompts with ftfy whether or not it is installed (a NameError
-    without it), WanPipeline only when it is; the two are otherwise the same code."""
-
-    def _encode_uncached(self, prompts):
-        from diffusers import WanPipeline
-
-        embeds = WanPipeline._get_t5_prompt_embeds(self.pipe, prompt=list(prompts), device=self.device,
-                                                   max_sequence_length=self.options.max_sequence_length)
-        return {"prompt_embeds": embeds}
-
-
-class WanI2VPolicy(ImageToVideo, _WanText):
+class WanI2VPolicy(ImageToVideo, WanPolicy):
     family = "wan_i2v"
     pipeline_classes = ("WanImageToVideoPipeline",)
     modality = "video"
