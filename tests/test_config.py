@@ -73,7 +73,7 @@ def test_presets():
 def test_no_arguments_or_a_tiny_weights_folder_mean_the_tiny_task(tmp_path):
     assert parse_config([]).model.family == "tiny"
     own = parse_config(["--model_path", str(WEIGHTS_DIR), "--lr", "1e-4"])
-    assert (own.model.family, own.model.path, own.optim.lr, own.sampler.num_steps) == ("tiny", str(WEIGHTS_DIR), 1e-4, 8)
+    assert (own.model.family, own.model.path, own.optim.lr, own.sampler.num_steps) == ("tiny", str(WEIGHTS_DIR), 1e-4, 16)
     other = tmp_path / "flux"  # any other folder keeps the plain defaults (FLUX)
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')

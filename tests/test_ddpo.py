@@ -197,7 +197,7 @@ def test_ranks_see_the_same_statistics():
 def test_advantage_ddpo_applies_ddpo_defaults_below_the_users_settings(tmp_path):
     config = parse_config(["--preset", "tiny", "--advantage", "ddpo"])
     assert config.grpo.advantage == "ddpo"
-    assert config.sampler.shared_noise is False and config.grpo.timestep_fraction == 1.0  # over the preset's
+    assert config.sampler.shared_noise is False and config.grpo.timestep_fraction == 1.0  # over the preset's noise
     assert config.grpo.clip_range == 1e-4 and config.grpo.adv_clip_max == 5.0
     assert config.optim.lr == apply_preset("tiny").optim.lr  # not DDPO's (see config.DDPO_DEFAULTS)
     assert (config.grpo.ddpo_buffer_size, config.grpo.ddpo_min_count) == (16, 16)
@@ -209,7 +209,9 @@ def test_advantage_ddpo_applies_ddpo_defaults_below_the_users_settings(tmp_path)
     from_yaml = parse_config(["--preset", "tiny", "--config", str(yaml_file)])
     assert from_yaml.grpo.adv_clip_max == 2.0 and from_yaml.sampler.shared_noise is False
     group = parse_config(["--preset", "tiny"])
-    assert group.sampler.shared_noise is True and group.grpo.timestep_fraction == 0.6
+    # The preset's own (shared noise; timestep_fraction 1.0 happens to equal DDPO's, so
+    # shared_noise is the setting that shows DDPO's value replacing the preset's).
+    assert group.sampler.shared_noise is True and group.grpo.timestep_fraction == 1.0
     assert set(DDPO_DEFAULTS) == {"sampler.shared_noise", "grpo.timestep_fraction", "grpo.clip_range",
                                   "grpo.adv_clip_max"}
 

@@ -36,7 +36,7 @@ CRITERIA_KEYS = ("color", "count", "shape", "position", "clean", "fully_correct"
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
     """The tiny preset (its prompt lists, reward and reward module), made small."""
-    values = dict(output_dir=str(Path(tmp_path) / "out"), height=32, width=32, num_steps=3,
+    values = dict(output_dir=str(Path(tmp_path) / "out"), height=32, width=32, num_steps=3, sde_window_size=0,
                   eta=0.5, shift=3.0, group_size=2, prompts_per_rank=2, rollout_batch_size=4, train_batch_size=2,
                   gradient_accumulation_steps=2, timestep_fraction=1.0, lr=1e-3, num_iterations=2,
                   mixed_precision="no", progress_bar=False, tensorboard=False, seed=3, threads=1,
@@ -177,6 +177,35 @@ def test_binary_reward_passes_criteria_through(policy):
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+
+
+def test_evaluate_cli_with_an_sde_window_prints_the_trainers_iteration_0_numbers(tmp_path, capsys):
+    """The tiny preset samples with an SDE window (ODE steps outside it); `tiny.evaluate` with the
+    same window flags prints exactly the trainer's held-out numbers at iteration 0, and a window
+    that differs (every step SDE) gives other numbers, so the flags are not ignored."""
+    from dancegrpo_fast.tiny.evaluate import main as evaluate_main
+
+    window = dict(num_steps=4, sde_window_start=1, sde_window_size=2)
+    trainer = Trainer(tiny_config(tmp_path, eval_num_prompts=4, eval_samples_per_prompt=2, eval_seed=5, **window))
+    assert trainer.evaluator.schedule.sde.tolist() == [False, True, True, False]
+    metrics = trainer.evaluator.evaluate(0)
+    flags = ["--num_prompts", "4", "--samples_per_prompt", "2", "--seed", "5", "--num_steps", "4", "--eta", "0.5",
+             "--shift", "3.0", "--threads", "0"]
+
+    def cli(*extra):
+        assert evaluate_main(flags + list(extra)) == 0
+        out = capsys.readouterr().out
+        return json.loads(out[out.index("{"):])
+
+    same = cli("--sde_window_start", "1", "--sde_window_size", "2")
+    for key in CRITERIA_KEYS:
+        assert same[key] == pytest.approx(metrics[f"eval/tiny_geneval/{key}"], abs=1e-6), key
+    assert same["score"] == pytest.approx(metrics["eval/tiny_geneval/mean"], abs=1e-6)
+    every_step = cli("--sde_window_size", "0")
+    assert every_step["score"] != pytest.approx(same["score"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        evaluate_main(flags + ["--sde_window_start", "3", "--sde_window_size", "2"])
+    assert "--sde_window_start 3 --sde_window_size 2" in capsys.readouterr().err
 
 
 def test_trainer_evaluates_before_every_k_and_at_the_end(tmp_path):

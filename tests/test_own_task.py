@@ -48,7 +48,7 @@ def test_the_documented_task_of_ones_own_trains(my_task, capsys):
     (my_task / "my_task.yaml").write_text(yaml.safe_dump(config))
     code = main(["--preset", "tiny", "--config", "my_task.yaml", "--output_dir", "outputs/red", "--num_iterations", "1",
                  "--group_size", "2", "--prompts_per_rank", "2", "--rollout_batch_size", "4", "--train_batch_size", "4",
-                 "--eval_samples_per_prompt", "1", "--num_steps", "3", "--progress_bar", "false",
+                 "--eval_samples_per_prompt", "1", "--num_steps", "3", "--sde_window_size", "0", "--progress_bar", "false",
                  "--tensorboard", "false"])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (my_task / "outputs" / "red" / "metrics.jsonl").read_text().splitlines()]

@@ -138,7 +138,8 @@ def test_readme_links_point_at_files_and_headings_that_exist():
 
 def test_readme_evaluate_command_reproduces_the_quoted_base_score():
     """The README's `tiny.evaluate` command, run as written, prints the held-out score the README
-    quotes for the shipped base model (the trainer's iteration-0 number). About 10 s."""
+    quotes for the shipped base model, mean and fully-correct rate (the trainer's iteration-0
+    numbers). About 30 s."""
     command = next(c for c in BASH_COMMANDS if "dancegrpo_fast.tiny.evaluate" in c)
     quoted = float(re.search(r"shipped base model scores \*\*([0-9.]+)\*\*", README_TEXT).group(1))
     args = command.split()
@@ -148,6 +149,11 @@ def test_readme_evaluate_command_reproduces_the_quoted_base_score():
     result = subprocess.run([sys.executable] + args[1:], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    score = json.loads(result.stdout[result.stdout.index("{"):])["score"]
+    printed = json.loads(result.stdout[result.stdout.index("{"):])
+    score = printed["score"]
     # Quoted to 3 decimals; a little slack for float differences between CPUs.
     assert abs(score - quoted) <= 0.0015, f"README quotes {quoted}, `{command}` prints {score:.4f}"
+    quoted_fc = float(re.search(r'"fully correct" rate\) in \*\*([0-9.]+)\*\*', README_TEXT).group(1))
+    # A rate over 512 samples: one sample is 0.002, so a float difference flipping one sample passes.
+    assert abs(printed["fully_correct"] - quoted_fc) <= 0.0025, \
+        f"README quotes fully correct {quoted_fc}, `{command}` prints {printed['fully_correct']:.4f}"

@@ -7,7 +7,7 @@ import json
 from dancegrpo_fast.train import main
 
 SMALL = ["--num_iterations", "1", "--group_size", "2", "--prompts_per_rank", "2", "--rollout_batch_size", "4",
-         "--train_batch_size", "4", "--num_steps", "3", "--eval_every", "0", "--progress_bar", "false",
+         "--train_batch_size", "4", "--num_steps", "3", "--sde_window_size", "0", "--eval_every", "0", "--progress_bar", "false",
          "--tensorboard", "false", "--lr", "3e-5"]
 
 

@@ -329,7 +329,7 @@ def test_tiny_preset_trains_from_the_cli(tmp_path, capsys):
     prompts = REPO / "dancegrpo_fast" / "tiny" / "prompts" / "train.txt"
     code = main(["--preset", "tiny", "--prompt_file", str(prompts), "--output_dir", str(tmp_path / "out"),
                  "--num_iterations", "1", "--group_size", "4", "--prompts_per_rank", "2", "--rollout_batch_size", "8",
-                 "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_steps", "4",
+                 "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_steps", "4", "--sde_window_size", "0",
                  "--progress_bar", "false", "--tensorboard", "false", "--eval_num_prompts", "4",
                  "--eval_samples_per_prompt", "1"])
     assert code == 0

@@ -47,9 +47,12 @@ def load_split_prompts(split: str) -> List[str]:
 
 
 def sampler_config(num_steps: int = 8, eta: float = 0.5, shift: float = 3.0, sampler: str = "dance",
-                   cfg_scale: float = 1.0) -> SamplerConfig:
-    """The sampler the policy samples with."""
-    return SamplerConfig(name=sampler, num_steps=num_steps, eta=eta, shift=shift, cfg_scale=cfg_scale)
+                   cfg_scale: float = 1.0, sde_window_start: int = 0, sde_window_size: int = 0) -> SamplerConfig:
+    """The sampler the policy samples with: SDE steps in the window [sde_window_start,
+    sde_window_start + sde_window_size) and first-order ODE steps elsewhere (size 0: every step
+    is SDE), as the trainer's evaluation samples at the first iteration."""
+    return SamplerConfig(name=sampler, num_steps=num_steps, eta=eta, shift=shift, cfg_scale=cfg_scale,
+                         sde_window_start=sde_window_start, sde_window_size=sde_window_size)
 
 
 def load_policy(model_path: str = "", transformer: Optional[str] = None, random_init_seed: Optional[int] = None,
@@ -121,20 +124,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shift", type=float, default=sampler.shift)
     parser.add_argument("--sampler", default=sampler.name, choices=("dance", "flow_grpo"))
     parser.add_argument("--cfg_scale", type=float, default=sampler.cfg_scale)
+    parser.add_argument("--sde_window_start", type=int, default=sampler.sde_window_start,
+                        help="first SDE step; steps outside the window are ODE steps")
+    parser.add_argument("--sde_window_size", type=int, default=sampler.sde_window_size,
+                        help="SDE steps in the window (0 = every step is SDE)")
     parser.add_argument("--threads", type=int, default=preset.runtime.threads, help="torch threads (0 = leave as is)")
     parser.add_argument("--grid", default=None, help="write a PNG grid of the first 16 samples here")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
+    if not (0 <= args.sde_window_start and 0 <= args.sde_window_size
+            and (args.sde_window_size == 0 or args.sde_window_start + args.sde_window_size <= args.num_steps)):
+        parser.error(f"--sde_window_start {args.sde_window_start} --sde_window_size {args.sde_window_size}: the SDE "
+                     f"window must lie in [0, --num_steps={args.num_steps}] (--sde_window_size 0: every step is SDE)")
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy(args.model, args.transformer, 0 if args.random_init else None, num_steps=args.num_steps,
-                         eta=args.eta, shift=args.shift, sampler=args.sampler, cfg_scale=args.cfg_scale)
+                         eta=args.eta, shift=args.shift, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                         sde_window_start=args.sde_window_start, sde_window_size=args.sde_window_size)
     prompts = load_split_prompts(args.split)
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     result = evaluate(policy, prompts, args.samples_per_prompt, args.seed)
     result.update(split=args.split, prompts=len(prompts), num_steps=args.num_steps, eta=args.eta, shift=args.shift,
-                  sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, random_init=args.random_init,
+                  sampler=args.sampler, cfg_scale=args.cfg_scale, sde_window_start=args.sde_window_start,
+                  sde_window_size=args.sde_window_size, seed=args.seed, random_init=args.random_init,
                   model=args.model or "shipped", transformer=args.transformer)
     print(json.dumps(result, indent=2))
     if args.json:
