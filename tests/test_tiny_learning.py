@@ -18,6 +18,7 @@ from dancegrpo_fast.tiny.evaluate import prompt_file
 from dancegrpo_fast.train import Trainer
 
 ITERATIONS = 80
+FLOOR = 0.006  # half the measured gain of a working update (see the assertion)
 
 
 @pytest.mark.usefixtures("torch_backend")
@@ -37,6 +38,7 @@ def test_short_default_run_raises_the_training_reward(tmp_path):
     train = [r["reward/tiny_geneval/mean"] for r in rows if "reward/tiny_geneval/mean" in r]
     assert len(train) == ITERATIONS
     print(f"tiny default, {ITERATIONS} iterations: train-prompt eval reward {before:.3f} -> {after:.3f}")
-    # A broken update leaves the reward where it was or lowers it; a working one gave
-    # 0.476 -> 0.530 here (2-core CPU, torch 2.13.0, +0.054).
-    assert after - before > 0.03, (before, after)
+    # The shipped base is strong (0.888 here), so 80 iterations gain little, but the run is
+    # deterministic: a working update gave 0.888 -> 0.900 (+0.012; 2-core CPU, torch 2.13.0) and
+    # one with the advantages' sign flipped (measured once) fell to 0.854 (-0.034).
+    assert after - before > FLOOR, (before, after)
