@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .sde_window import SCHEDULES, last_start, window_steps
+from .sde_window import SCHEDULES, last_start, window_fits, window_steps
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -287,10 +287,7 @@ class TrainConfig:
              f"gradient_accumulation_steps={o.gradient_accumulation_steps} must divide the {batches} training batches per rank "
              f"({trained} {'trained ' if g.bestofn else ''}samples / train_batch_size {o.batch_size})")
         need(0 < g.timestep_fraction <= 1, f"timestep_fraction must lie in (0, 1], got {g.timestep_fraction!r}")
-        # With size 0 every step is SDE and the start is unused (a preset's start may then exceed
-        # a smaller num_steps given on the command line).
-        need(sa.sde_window_start >= 0 and sa.sde_window_size >= 0
-             and (sa.sde_window_size == 0 or sa.sde_window_start + sa.sde_window_size <= sa.num_steps),
+        need(window_fits(sa.num_steps, sa.sde_window_start, sa.sde_window_size),
              f"the SDE window [{sa.sde_window_start}, {sa.sde_window_start + sa.sde_window_size}) must lie in [0, num_steps={sa.num_steps}]: "
              f"lower sde_window_start, or set sde_window_size 0 (every step SDE)")
         need(sa.sde_window_schedule in SDE_WINDOW_SCHEDULES,

@@ -32,6 +32,12 @@ SCHEDULES = ("fixed", "progressive", "decay", "exp_decay")
 EXP_DECAY_THRESHOLD, EXP_DECAY_K = 13, 0.1  # MixGRPO's exp_decay constants
 
 
+def window_fits(num_steps: int, start: int, size: int) -> bool:
+    """A window of `size` steps from `start` lies in the sampler's steps (size 0: every step is
+    SDE and the start is unused)."""
+    return start >= 0 and size >= 0 and (size == 0 or start + size <= num_steps)
+
+
 def last_start(num_steps: int, size: int) -> int:
     """The last window start of a sliding window: its steps stay among the trainable steps
     0..num_steps - 2."""

@@ -26,6 +26,7 @@ from ..config import ModelConfig, SamplerConfig, apply_preset
 from ..logging_utils import save_sample_grid
 from ..prompts import load_prompts
 from ..rollout import sample_fixed
+from ..sde_window import window_fits
 from . import WEIGHTS_DIR
 from .model import TinyFlowPipeline
 from .policy import TinyPolicy
@@ -132,8 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--grid", default=None, help="write a PNG grid of the first 16 samples here")
     parser.add_argument("--json", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    if not (0 <= args.sde_window_start and 0 <= args.sde_window_size
-            and (args.sde_window_size == 0 or args.sde_window_start + args.sde_window_size <= args.num_steps)):
+    if not window_fits(args.num_steps, args.sde_window_start, args.sde_window_size):
         parser.error(f"--sde_window_start {args.sde_window_start} --sde_window_size {args.sde_window_size}: the SDE "
                      f"window must lie in [0, --num_steps={args.num_steps}] (--sde_window_size 0: every step is SDE)")
     if args.threads:
